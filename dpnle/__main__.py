@@ -1,0 +1,3 @@
+from dpnle.cli import main
+
+main()

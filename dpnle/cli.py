@@ -1,0 +1,498 @@
+"""The ``dpnle`` command line: one thin command per pipeline stage over the Python API.
+
+    dpnle collect-activations -> dpnle localize -> dpnle edit-eval -> dpnle leakage-report
+
+Options can also come from a YAML file (``--config configs/x.yaml``): top-level keys apply to
+every command that has an option of that name, a section named after a command applies to it
+alone (``localize: {quantile: 0.99}``); flags on the command line win.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dpnle.concepts import Concept, resolve_concepts
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    help="Find, edit and audit the neurons that carry personality traits and human values in LLMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+data_app = typer.Typer(help="Pinned public datasets and contrastive pairs.", no_args_is_help=True)
+models_app = typer.Typer(help="Model aliases and the converted-model cache.", no_args_is_help=True)
+runs_app = typer.Typer(help="Run directories and what they hold.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared options
+
+TraitOpt = Annotated[
+    list[str] | None,
+    typer.Option("--trait", "-t", help="Big Five trait to work on (repeatable): openness, conscientiousness, "
+                 "extraversion, agreeableness, neuroticism."),
+]
+ValueOpt = Annotated[
+    list[str] | None,
+    typer.Option("--value", "-v", help="Schwartz value to work on (repeatable): self_direction, stimulation, "
+                 "hedonism, achievement, power, security, conformity, tradition, benevolence, universalism."),
+]
+AllTraitsOpt = Annotated[bool, typer.Option("--all-traits", help="All five Big Five traits.")]
+AllValuesOpt = Annotated[bool, typer.Option("--all-values", help="All ten Schwartz values.")]
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Model: alias (smollm2-135m-instruct), hub id, local folder or .gguf file."),
+]
+RunOpt = Annotated[
+    str | None,
+    typer.Option("--run", "-r", help="Run name (folder under runs/) or path. Default: for capture, the model's "
+                 "name; for later stages, the most recent run (of --model if given)."),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML file of option defaults (see configs/); flags override it."),
+]
+
+
+def _concepts(trait, value, all_traits, all_values, required: bool = True) -> list[Concept]:
+    concepts = resolve_concepts(trait, value, all_traits, all_values)
+    if required and not concepts:
+        raise typer.BadParameter(
+            "Name what to work on: --trait openness (repeatable), --value power, --all-traits or --all-values."
+        )
+    return concepts
+
+
+def _open_run(run: str | None, model: str | None):
+    from dpnle.models import DEFAULT_MODEL, resolve_model_id
+    from dpnle.runs import Run, latest_run
+
+    if run is not None:
+        return Run.open(run)
+    if model is not None:
+        return latest_run(resolve_model_id(model))
+    try:
+        return latest_run(resolve_model_id(DEFAULT_MODEL))
+    except Exception:
+        return latest_run()
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1
+
+
+@app.command("collect-activations")
+def collect_activations(
+    trait: TraitOpt = None,
+    value: ValueOpt = None,
+    all_traits: AllTraitsOpt = False,
+    all_values: AllValuesOpt = False,
+    model: ModelOpt = "smollm2-135m-instruct",
+    run: RunOpt = None,
+    site: Annotated[str, typer.Option(help="mlp (down_proj input, DPN-LE), gate (act_fn output, NPTI) or "
+                                           "resid (layer output, CAA).")] = "mlp",
+    policy: Annotated[str, typer.Option(help="Token reduction: last (last prompt token, DPN-LE), prompt-mean, "
+                                             "or response-mean (mean over the model's greedy response).")] = "last",
+    layers: Annotated[str | None, typer.Option(help="Layers to keep, e.g. 12-31 or 0,4,8 (default: all).")] = None,
+    batch_size: Annotated[str, typer.Option(help="Prompts per forward pass, or 'auto' to fill the device.")] = "auto",
+    shard_size: Annotated[int, typer.Option(help="Samples per Parquet shard (the resume granularity).")] = 256,
+    recipe: Annotated[str | None, typer.Option(help="Pair recipe: personalitybench (traits), anthropic-persona "
+                                                    "(traits, CAA-style) or values. Default by concept kind.")] = None,
+    num_pairs: Annotated[int, typer.Option(help="Contrastive pairs per concept (the paper: 1000).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the pair sampling.")] = 0,
+    questions: Annotated[Path | None, typer.Option(help="JSONL question file replacing dpnle's pool "
+                                                        "(e.g. PersonalityBench's search questions).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Response length for --policy response-mean.")] = 64,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: the best available).")] = None,
+    device_map: Annotated[str | None, typer.Option(help="accelerate device_map, e.g. auto, for models larger "
+                                                        "than one device.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Discard an existing capture of this concept and start over.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Stage 1: run the model over each concept's contrastive pairs and cache the activations.
+
+    Resumable: a killed run continues from its last complete shard."""
+    from dpnle.collect import collect_concept
+    from dpnle.models import load_model
+    from dpnle.pairs import make_pairs
+    from dpnle.runs import Run
+
+    concepts = _concepts(trait, value, all_traits, all_values)
+    batch: int | str = batch_size if batch_size == "auto" else int(batch_size)
+    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    target = Run.create_or_open(run, loaded.model_id)
+    target.update_manifest(model={"id": loaded.model_id, "source": loaded.source, "fingerprint": loaded.fingerprint})
+    console.print(f"[bold]run[/] {target.path}  [bold]model[/] {loaded.model_id} ({loaded.fingerprint.get('digest')})")
+    layer_list = _layer_list(layers, loaded)
+    for concept in concepts:
+        pairs = make_pairs(concept, recipe=recipe, num_pairs=num_pairs, seed=seed, questions_path=questions)
+        summary = collect_concept(
+            target, loaded, concept.name, pairs=pairs, site=site, policy=policy, layers=layer_list,
+            batch_size=batch, shard_size=shard_size, overwrite=overwrite, max_new_tokens=max_new_tokens,
+        )
+        console.print(
+            f"[green]captured[/] {concept.name}: {summary.num_samples} samples, {summary.num_tokens} tokens, "
+            f"{summary.seconds:.1f} s -> {summary.path}"
+        )
+
+
+def _layer_list(spec: str | None, loaded) -> list[int] | None:
+    from dpnle.arch import architecture, parse_layers
+
+    if spec is None:
+        return None
+    return parse_layers(spec, architecture(loaded.model).num_layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2
+
+
+@app.command("localize")
+def localize(
+    trait: TraitOpt = None,
+    value: ValueOpt = None,
+    all_traits: AllTraitsOpt = False,
+    all_values: AllValuesOpt = False,
+    all_captured: Annotated[bool, typer.Option("--all", help="Every concept captured in the run, then the "
+                                                             "cross-concept overlap table.")] = False,
+    run: RunOpt = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Pick the latest run of this model.")] = None,
+    method: Annotated[str, typer.Option(help="dpnle (Cohen's d + magnitude), npti (gate firing rates) or caa "
+                                             "(residual mean difference).")] = "dpnle",
+    quantile: Annotated[float | None, typer.Option(help="Magnitude cut: keep |delta| above this per-layer "
+                                                        "quantile (DPN-LE: 0.995). Default: the model's config.")] = None,
+    d_threshold: Annotated[float | None, typer.Option(help="Keep |Cohen's d| above this (DPN-LE: 0.8 Llama, "
+                                                           "0.3 Qwen). Default: the model's config.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layers, e.g. 12-31, or 'auto' (from the first layer "
+                                                    "where high and low separate). Default: the model's config.")] = None,
+    layer: Annotated[int | None, typer.Option(help="CAA only: the residual layer (default: best separated).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Stage 2: select each concept's neurons from the cached statistics (seconds, no model)."""
+    from dpnle import localize as loc
+
+    target = _open_run(run, model)
+    params: dict[str, Any] = {"quantile": quantile, "d_threshold": d_threshold, "layers": layers, "layer": layer}
+    if all_captured:
+        results = loc.localize_all(target, method=method, **params)
+    else:
+        concepts = _concepts(trait, value, all_traits, all_values)
+        results = [loc.localize_concept(target, c.name, method=method, **params) for c in concepts]
+    for result in results:
+        _print_localize(result)
+    if all_captured and len(results) > 1:
+        overlap = loc.overlap_table(target, [r.concept for r in results], method=method)
+        _print_overlap(overlap)
+
+
+def _print_localize(result) -> None:
+    summary = result.summary
+    table = Table(title=f"{result.concept} · {result.method} -> {result.path}")
+    for col in summary.columns:
+        table.add_column(str(col), justify="right")
+    for row in summary.itertuples(index=False):
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+    console.print(
+        f"selected {result.total_selected} neurons = {100 * result.total_share:.3f}% of the model's MLP neurons"
+    )
+
+
+def _print_overlap(overlap) -> None:
+    concepts = sorted(set(overlap["concept_a"]) | set(overlap["concept_b"]))
+    table = Table(title="Jaccard overlap of selected neurons (shared with opposite poles)")
+    table.add_column("")
+    for c in concepts:
+        table.add_column(c[:12], justify="right")
+    lookup = {(r.concept_a, r.concept_b): r for r in overlap.itertuples(index=False)}
+    for a in concepts:
+        cells = []
+        for b in concepts:
+            r = lookup.get((a, b)) or lookup.get((b, a))
+            cells.append("-" if a == b or r is None else f"{r.jaccard:.3f} ({r.shared_opposite_pole})")
+        table.add_row(a, *cells)
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# stages 3 and 4
+
+
+@app.command("edit-eval")
+def edit_eval(
+    trait: TraitOpt = None,
+    value: ValueOpt = None,
+    all_traits: AllTraitsOpt = False,
+    all_values: AllValuesOpt = False,
+    run: RunOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Stage 3: steer each concept with its neurons and measure the trait, the other traits and capability."""
+    _not_available("edit-eval")
+
+
+@app.command("leakage-report")
+def leakage_report(run: RunOpt = None, config: ConfigOpt = None) -> None:
+    """Stage 4: leakage of each edit into the concepts it was not aimed at; figures and report."""
+    _not_available("leakage-report")
+
+
+def _not_available(stage: str) -> None:
+    err_console.print(
+        f"[red]`dpnle {stage}` is not available in this version of dpnle.[/] The pipeline currently runs "
+        "collect-activations and localize; see the README's status table."
+    )
+    raise typer.Exit(code=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """Every pinned dataset file: where it comes from, its licence, whether it is cached."""
+    from dpnle import datasets
+
+    table = Table(title="dpnle datasets (pinned; groups: " + ", ".join(datasets.GROUPS) + ")")
+    for col in ("name", "source", "path", "licence", "cached"):
+        table.add_column(col)
+    for row in datasets.list_entries():
+        pinned = "" if row.verifiable else " (unpinned)"
+        table.add_row(row.name, row.source + pinned, row.path, row.licence, "yes" if row.cached else "-")
+    console.print(table)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    names: Annotated[list[str] | None, typer.Argument(help="Dataset names or groups (see `dpnle data list`).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every verifiable dataset.")] = False,
+    force: Annotated[bool, typer.Option(help="Fetch again even when the cached copy verifies.")] = False,
+) -> None:
+    """Download (or copy from $DPNLE_DATA_MIRROR) and verify datasets into the cache."""
+    from dpnle import datasets
+
+    selected = datasets.resolve_names(names or [], all_entries=all_)
+    if not selected:
+        raise typer.BadParameter("Name datasets to fetch (see `dpnle data list`) or pass --all.")
+    for name in selected:
+        path = datasets.fetch(name, force=force)
+        console.print(f"[green]ok[/] {name} -> {path}")
+    console.print(f"{len(selected)} file(s) verified.")
+
+
+@data_app.command("verify")
+def data_verify(
+    names: Annotated[list[str] | None, typer.Argument(help="Dataset names or groups (default: all cached).")] = None,
+) -> None:
+    """Check the hashes of cached datasets."""
+    from dpnle import datasets
+
+    selected = datasets.resolve_names(names or [], all_entries=not names)
+    bad = 0
+    for name in selected:
+        result = datasets.verify(name)
+        if not result.present:
+            console.print(f"[yellow]missing[/] {name}")
+        elif result.ok:
+            console.print(f"[green]ok[/] {name}")
+        else:
+            bad += 1
+            console.print(f"[red]hash mismatch[/] {name}: {result.path} has sha256 {result.actual_sha256}; "
+                          f"delete it and run `dpnle data fetch {name}`")
+    if bad:
+        raise typer.Exit(code=1)
+
+
+@data_app.command("pairs")
+def data_pairs(
+    trait: TraitOpt = None,
+    value: ValueOpt = None,
+    all_traits: AllTraitsOpt = False,
+    all_values: AllValuesOpt = False,
+    concept: Annotated[list[str] | None, typer.Option("--concept", help="Trait or value by name (repeatable).")] = None,
+    recipe: Annotated[str | None, typer.Option(help="personalitybench, anthropic-persona or values "
+                                                    "(default by concept kind).")] = None,
+    num_pairs: Annotated[int, typer.Option(help="Pairs per concept.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same pairs.")] = 0,
+    questions: Annotated[Path | None, typer.Option(help="JSONL question file replacing dpnle's pool.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: the dpnle cache's pairs/).")] = None,
+    show: Annotated[int, typer.Option(help="Print this many example pairs.")] = 1,
+    config: ConfigOpt = None,
+) -> None:
+    """Write question-matched contrastive pairs (Parquet) for each concept."""
+    from dpnle.concepts import get_concept
+    from dpnle.pairs import default_pairs_path, make_pairs, write_pairs
+
+    concepts = resolve_concepts(trait, value, all_traits, all_values) + [get_concept(c) for c in concept or []]
+    if not concepts:
+        raise typer.BadParameter("Name a concept: --concept openness, --trait ..., --value ..., --all-traits.")
+    for c in concepts:
+        pairs = make_pairs(c, recipe=recipe, num_pairs=num_pairs, seed=seed, questions_path=questions)
+        path = default_pairs_path(c.name, pairs["recipe"].iloc[0], num_pairs, seed)
+        if out is not None:
+            path = out / path.name
+        write_pairs(pairs, path, seed=seed, questions_path=questions)
+        console.print(f"[green]{len(pairs)} pairs[/] {c.name} ({pairs['recipe'].iloc[0]}) -> {path}")
+        for row in pairs.head(show).itertuples(index=False):
+            console.print(
+                f"[bold]high[/]: {row.high_message}{row.high_response_prefix}\n"
+                f"[bold]low[/]: {row.low_message}{row.low_response_prefix}",
+                highlight=False,
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# models and runs
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Known model aliases and converted models in the cache."""
+    from dpnle.models import list_models
+
+    table = Table(title="models")
+    for col in ("name", "kind", "source", "status"):
+        table.add_column(col)
+    for row in list_models():
+        table.add_row(row["name"], row["kind"], row["source"], row["status"])
+    console.print(table)
+
+
+@runs_app.command("list")
+def runs_list() -> None:
+    """Every run under runs/ (or $DPNLE_RUNS) with its model and finished stages."""
+    from dpnle.runs import list_runs
+
+    table = Table(title="runs")
+    for col in ("run", "model", "stages done", "updated"):
+        table.add_column(col)
+    for r in list_runs():
+        manifest = r.manifest()
+        stages = manifest.get("stages", {})
+        done = ", ".join(
+            f"{stage} ({sum(1 for e in entries.values() if e.get('status') == 'done')})"
+            for stage, entries in stages.items()
+        )
+        updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.manifest_path.stat().st_mtime))
+        table.add_row(r.name, manifest.get("model", {}).get("id", "?"), done or "-", updated)
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run: Annotated[str, typer.Argument(help="Run name or path.")]) -> None:
+    """What a run holds: model, stages with their parameters, artifacts."""
+    from dpnle.runs import Run
+
+    r = Run.open(run)
+    manifest = r.manifest()
+    fp = manifest.get("model", {}).get("fingerprint", {})
+    console.print(f"[bold]{r.name}[/] at {r.path}\nmodel {manifest['model'].get('id')} (digest {fp.get('digest', '?')})")
+    for stage, entries in manifest.get("stages", {}).items():
+        table = Table(title=stage)
+        table.add_column("concept")
+        table.add_column("status")
+        table.add_column("parameters")
+        for concept, entry in entries.items():
+            params = {k: v for k, v in entry.items() if k not in ("status",)}
+            table.add_row(concept, entry.get("status", "?"), ", ".join(f"{k}={v}" for k, v in params.items()))
+        console.print(table)
+    files = sorted(p.relative_to(r.path) for p in r.path.rglob("*.parquet"))
+    console.print(f"{len(files)} Parquet artifacts")
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point with YAML defaults and readable errors
+
+
+def _config_path(argv: list[str]) -> Path | None:
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def _default_map(command, config: dict[str, Any]) -> dict[str, Any]:
+    """Click default_map for every (sub)command: top-level scalars, overridden by a section per command."""
+    import click
+
+    common = {k.replace("-", "_"): v for k, v in config.items() if not isinstance(v, dict)}
+    result: dict[str, Any] = {}
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            section = config.get(name, {}) if isinstance(config.get(name), dict) else {}
+            result[name] = _default_map(sub, {**{k: v for k, v in config.items() if not isinstance(v, dict)},
+                                              **section})
+        return result
+    params = {p.name for p in command.params}
+    return {k: v for k, v in common.items() if k in params}
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.exists():
+        raise typer.BadParameter(f"Config file {path} does not exist.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"Config file {path} must hold a mapping of option names to values.")
+    return data
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe bad input or state: shown as one readable message, not a traceback."""
+    from dpnle.arch import UnsupportedModelError
+    from dpnle.concepts import UnknownConceptError
+    from dpnle.models import ModelLoadError
+    from dpnle.pairs import PairsError
+    from dpnle.runs import ArtifactError
+
+    errors: list[type[BaseException]] = [
+        UnsupportedModelError, UnknownConceptError, ModelLoadError, PairsError, ArtifactError, FileNotFoundError,
+    ]
+    try:
+        from dpnle.datasets import DatasetError
+
+        errors.append(DatasetError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = typer.main.get_command(app)
+    default_map = None
+    try:
+        config_path = _config_path(argv)
+        if config_path is not None:
+            default_map = _default_map(command, load_config(config_path))
+        command.main(args=argv, prog_name="dpnle", default_map=default_map, standalone_mode=True)
+    except user_errors() as exc:
+        if os.environ.get("DPNLE_DEBUG"):
+            raise
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -210,9 +210,12 @@ def _print_localize(result) -> None:
     for row in summary.itertuples(index=False):
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
     console.print(table)
-    console.print(
-        f"selected {result.total_selected} neurons = {100 * result.total_share:.3f}% of the model's MLP neurons"
-    )
+    if result.method == "caa":
+        console.print(f"CAA vector: {result.total_selected} residual units at the chosen layer")
+    else:
+        console.print(
+            f"selected {result.total_selected} neurons = {100 * result.total_share:.3f}% of the model's MLP neurons"
+        )
 
 
 def _print_overlap(overlap) -> None:
@@ -433,11 +436,10 @@ def _config_path(argv: list[str]) -> Path | None:
 
 def _default_map(command, config: dict[str, Any]) -> dict[str, Any]:
     """Click default_map for every (sub)command: top-level scalars, overridden by a section per command."""
-    import click
-
     common = {k.replace("-", "_"): v for k, v in config.items() if not isinstance(v, dict)}
     result: dict[str, Any] = {}
-    if isinstance(command, click.Group):
+    # Typer's groups carry their subcommands in `.commands` (typer vendors its own click).
+    if isinstance(getattr(command, "commands", None), dict):
         for name, sub in command.commands.items():
             section = config.get(name, {}) if isinstance(config.get(name), dict) else {}
             result[name] = _default_map(sub, {**{k: v for k, v in config.items() if not isinstance(v, dict)},

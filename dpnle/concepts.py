@@ -119,3 +119,9 @@ def higher_order_group(value: str) -> str:
         if value in members:
             return group
     raise UnknownConceptError(f"{value!r} is not a Schwartz value")
+
+
+def cli_flag(name: str) -> str:
+    """How the command line names a concept: ``--trait openness`` or ``--value power``."""
+    concept = get_concept(name)
+    return f"--{concept.kind} {concept.name}"

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from dpnle.arch import parse_layers
-from dpnle.concepts import ALL_CONCEPTS
+from dpnle.concepts import ALL_CONCEPTS, cli_flag
 from dpnle.runs import ArtifactError, Run, read_parquet, write_parquet
 from dpnle.stats import LayerStats, cohens_d
 
@@ -751,7 +751,7 @@ def load_selection(run: Run, concept: str, method: str = "dpnle") -> pd.DataFram
         flag = "" if method == "dpnle" else f" --method {method}"
         raise ArtifactError(
             f"No {method} localization of {concept!r} in run {run.name} ({path}). "
-            f"Run `dpnle localize --run {run.name} --concept {concept}{flag}` first."
+            f"Run `dpnle localize --run {run.name} {cli_flag(concept)}{flag}` first."
         )
     frame = read_parquet(path)
     column = "chosen" if method == "caa" else "selected"

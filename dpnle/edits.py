@@ -1,0 +1,852 @@
+"""Edits: sparse additive changes to a model's neurons at inference time, and their export.
+
+An :class:`Edit` holds, per decoder layer, the units it changes and by how much, plus gamma,
+a sign and a position policy. ``with edit.apply(model): ...`` registers one hook per edited
+layer and removes them all on the way out, whatever happens inside; the edited model is an
+ordinary model in between, so any evaluator can run on it.
+
+Sites (see :mod:`dpnle.arch`):
+
+- ``mlp``: the input of the MLP's output projection (DPN-LE's neurons). A forward pre-hook on
+  ``down_proj`` replaces its input ``h`` by ``h + gamma * sign * delta``.
+- ``gate``: the output of the MLP's activation module (NPTI's site). A forward hook changes
+  the activation before it is multiplied by ``up_proj(x)``; NPTI also clamps the opposite
+  pole's neurons to ``min(a, 0)``.
+- ``resid``: the decoder layer's output (CAA's site). A forward hook adds a full hidden-size
+  vector to the residual stream.
+
+Orientation: every stored vector points toward *more* of the concept, and ``sign`` (+1 up,
+-1 down) picks the direction. So a DPN-LE "both" edit stores ``delta = mean_high - mean_low``
+on the HIGH and LOW neurons alike; with sign +1 it pushes HIGH neurons up and LOW neurons
+further down, with sign -1 the reverse.
+
+Position policy (the DPN-LE reference edits generated tokens only; dpnle makes it explicit,
+because an edit restricted to generated tokens never touches a log-likelihood evaluation):
+
+- ``all``: every position of every forward pass;
+- ``prompt``: absolute positions ``< prompt_length`` (the prefill, pads included);
+- ``generated``: absolute positions ``>= prompt_length``.
+
+The absolute positions of a forward pass are read by a forward pre-hook on the module that
+holds the decoder layers (``model.model`` for Llama): ``cache_position`` when the model gets
+one, else the length of the KV cache (``past_key_values.get_seq_length()``), else 0, plus
+``arange(seq_len)``. With the KV cache on, a generation step sees one new position; with it
+off, it sees the whole sequence again and only the new position counts as generated. Both
+give the same edited states. ``prompt_length`` is the padded prompt length (left padding);
+when not given, the first forward pass after ``apply()`` sets it to its sequence length
+(``generate()``'s prefill), so one handle serves one prompt batch: use
+:func:`generate_with_edit`, or pass ``prompt_length``, or set ``handle.prompt_length``.
+
+Export: a linear edit at the down_proj input is a per-layer bias at its output,
+``down(h + delta) = down(h) + W_down @ delta``, so an ``mlp`` edit at position policy ``all``
+folds into the output projection's bias (:func:`bake_edit`) and can be saved as a standalone
+checkpoint that plain ``transformers`` (or any server) loads (:func:`export_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from dpnle import __version__
+from dpnle.arch import SITES, UnsupportedModelError, architecture, find_decoder_layers
+from dpnle.concepts import cli_flag
+from dpnle.models import LoadedModel
+from dpnle.runs import ArtifactError, Run, now, read_parquet, write_json
+
+EDIT_METHODS = ("dpnle", "dpnle-w", "npti", "caa", "random", "prompt", "none")
+# Methods the evaluator runs without hooks: build_edit returns None for them.
+HOOKLESS_METHODS = ("prompt", "none")
+POSITIONS = ("all", "prompt", "generated")
+MODES = ("both", "directional")
+DIRECTIONS = {"up": 1, "down": -1}
+
+# NPTI (Deng et al. 2025): a_i += gamma * v95_i * sigmoid(SLOPE * (|dp_i| - CENTRE)) on a
+# seeded KEEP share of the target neurons.
+NPTI_SLOPE = 10.0
+NPTI_CENTRE = 0.15
+NPTI_KEEP = 0.9
+
+EDIT_INFO_FILE = "dpnle_edit.json"
+
+LayerVector = tuple[torch.Tensor | None, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# the edit
+
+
+@dataclass
+class Edit:
+    """A sparse additive edit of one site of a model.
+
+    ``vectors[layer] = (neuron_idx int64 [k], delta float32 [k])``; for the ``resid`` site
+    ``neuron_idx`` may be None, meaning ``delta`` is the full ``[hidden]`` vector. The change
+    at a layer is ``gamma * sign * delta`` at those units; ``clamp[layer]`` lists units whose
+    value is then clamped to ``<= 0`` (NPTI's opposite-pole neurons).
+    """
+
+    method: str
+    site: str
+    vectors: dict[int, LayerVector]
+    gamma: float = 1.0
+    sign: int = 1
+    positions: str = "all"
+    clamp: dict[int, torch.Tensor] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise ValueError(f"Unknown edit site {self.site!r}; choose one of {', '.join(SITES)}.")
+        try:
+            gamma = float(self.gamma)
+        except (TypeError, ValueError):
+            raise ValueError(f"gamma must be a number, not {self.gamma!r}.") from None
+        if not math.isfinite(gamma):
+            raise ValueError(f"gamma must be a finite number, not {self.gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
+        self.gamma = gamma
+        if self.sign not in (1, -1):
+            raise ValueError(f"sign must be +1 (raise the concept) or -1 (lower it), not {self.sign!r}.")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"Unknown position policy {self.positions!r}; choose one of {', '.join(POSITIONS)}.")
+        self.vectors = {int(layer): _as_layer_vector(layer, idx, delta) for layer, (idx, delta) in self.vectors.items()}
+        if self.clamp is not None:
+            self.clamp = {int(layer): torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+                          for layer, idx in self.clamp.items()}  # fmt: skip
+
+    @property
+    def num_neurons(self) -> int:
+        """Units that get an additive change (clamped-only units are in ``meta``)."""
+        return sum(int(delta.numel()) for _, delta in self.vectors.values())
+
+    @property
+    def layers(self) -> list[int]:
+        """Every layer the edit hooks: added-to or clamped."""
+        return sorted(set(self.vectors) | set(self.clamp or {}))
+
+    def neurons_per_layer(self) -> dict[int, int]:
+        return {layer: int(delta.numel()) for layer, (_, delta) in sorted(self.vectors.items())}
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description (no tensors) for manifests and evaluation rows."""
+        return {
+            "method": self.method,
+            "site": self.site,
+            "gamma": self.gamma,
+            "sign": self.sign,
+            "positions": self.positions,
+            "num_neurons": self.num_neurons,
+            "num_clamped": sum(int(v.numel()) for v in (self.clamp or {}).values()),
+            "layers": self.layers,
+            **self.meta,
+        }
+
+    def dense_vectors(self, width: int) -> dict[int, torch.Tensor]:
+        """``{layer: float32 [width]}`` of ``gamma * sign * delta``, zeros elsewhere."""
+        dense: dict[int, torch.Tensor] = {}
+        scale = self.gamma * self.sign
+        for layer, (idx, delta) in self.vectors.items():
+            if idx is None:
+                if delta.numel() != width:
+                    raise ValueError(
+                        f"The {self.method} vector of layer {layer} has {delta.numel()} units, the model's "
+                        f"{self.site} site has {width}: the edit was made for another model."
+                    )
+                dense[layer] = delta.float() * scale
+                continue
+            if idx.numel() and (int(idx.max()) >= width or int(idx.min()) < 0):
+                raise ValueError(
+                    f"The {self.method} edit of layer {layer} touches unit {int(idx.max())}, but the model's "
+                    f"{self.site} site has {width} units: the edit was made for another model."
+                )
+            # index_add (not assignment) so a repeated index adds up instead of one value winning.
+            dense[layer] = torch.zeros(width, dtype=torch.float32).index_add_(0, idx, delta.float()) * scale
+        return dense
+
+    def apply(self, model: nn.Module | LoadedModel, prompt_length: int | None = None) -> EditHandle:
+        """Register the edit's hooks on ``model``; use as ``with edit.apply(model): ...``."""
+        if isinstance(model, LoadedModel):
+            model = model.model
+        return _register(self, model, prompt_length)
+
+
+def _as_layer_vector(layer: int, idx: Any, delta: Any) -> LayerVector:
+    delta_t = torch.as_tensor(np.asarray(delta) if not torch.is_tensor(delta) else delta, dtype=torch.float32)
+    delta_t = delta_t.reshape(-1)
+    if not bool(torch.isfinite(delta_t).all()):
+        raise ValueError(f"The edit vector of layer {layer} holds NaN or inf values; re-run localize.")
+    if idx is None:
+        return None, delta_t
+    idx_t = torch.as_tensor(np.asarray(idx) if not torch.is_tensor(idx) else idx, dtype=torch.int64).reshape(-1)
+    if idx_t.shape != delta_t.shape:
+        raise ValueError(f"Layer {layer}: {idx_t.numel()} neuron indices but {delta_t.numel()} deltas.")
+    return idx_t, delta_t
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks
+
+
+class _PositionTracker:
+    """Absolute positions of the current forward pass, read on the decoder stack's parent.
+
+    ``past`` is the absolute position of the first token of the forward pass; the hooked
+    sites add ``arange(seq_len)`` to it, so the tracker never needs to know where the tokens
+    are (input_ids, inputs_embeds, positional or keyword).
+    """
+
+    def __init__(self, prompt_length: int | None):
+        self.prompt_length = prompt_length
+        self.past: int | None = None
+        self._masks: dict[tuple[int, str, torch.device], torch.Tensor | bool] = {}
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.past = _past_length(kwargs)
+        self._masks.clear()
+        if self.prompt_length is None:
+            seq_len = _sequence_length(args, kwargs)
+            if seq_len is not None:
+                # The first forward pass after apply() is the prefill of generate().
+                self.prompt_length = self.past + seq_len
+
+    def post_hook(self, *_: Any) -> None:
+        self.past = None
+        self._masks.clear()
+
+    def mask(self, policy: str, seq_len: int, device: torch.device) -> torch.Tensor | bool:
+        """Which of the ``seq_len`` positions to edit: True (all), False (none) or bool [seq]."""
+        if self.past is None:
+            raise RuntimeError(
+                f"The edit's position policy {policy!r} needs the positions of the forward pass, but the "
+                "decoder stack's forward pre-hook did not run: call the whole model (or its base model), "
+                "not a single layer, or use positions='all'."
+            )
+        if self.prompt_length is None:
+            self.prompt_length = self.past + seq_len
+        key = (seq_len, policy, device)
+        cached = self._masks.get(key)
+        if cached is not None:
+            return cached
+        positions = torch.arange(self.past, self.past + seq_len)
+        keep = positions < self.prompt_length if policy == "prompt" else positions >= self.prompt_length
+        # Decide "every position" / "none" on the CPU, so those common cases (a prefill or a
+        # decoding step) cost no device transfer and no masked add.
+        result: torch.Tensor | bool
+        if bool(keep.all()):
+            result = True
+        elif not bool(keep.any()):
+            result = False
+        else:
+            result = keep.to(device)
+        self._masks[key] = result
+        return result
+
+
+def _past_length(kwargs: Mapping[str, Any]) -> int:
+    cache_position = kwargs.get("cache_position")
+    if torch.is_tensor(cache_position) and cache_position.numel():
+        return int(cache_position.reshape(-1)[0])
+    past = kwargs.get("past_key_values")
+    if past is not None and hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, (tuple, list)) and past and past[0] is not None:
+        # Legacy tuple caches: ((key [batch, heads, seq, dim], value), ...).
+        return int(past[0][0].shape[-2])
+    return 0
+
+
+def _sequence_length(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
+    for candidate in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if torch.is_tensor(candidate):
+            # input_ids [batch, seq]; inputs_embeds [batch, seq, hidden]
+            return int(candidate.shape[1]) if candidate.ndim >= 2 else int(candidate.shape[0])
+    return None
+
+
+def _decoder_stack(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder layers (``model.model``, ``model.transformer``, ...)."""
+    layers = find_decoder_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    name = names.get(id(layers), "")
+    parent = name.rsplit(".", 1)[0] if "." in name else ""
+    return model.get_submodule(parent) if parent else model
+
+
+def _module_device_dtype(*modules: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for module in modules:
+        param = next(module.parameters(), None)
+        if param is not None and param.device.type != "meta":
+            return param.device, param.dtype
+    return torch.device("cpu"), torch.float32
+
+
+class _LayerEditor:
+    """Applies one layer's change to a ``[..., seq, width]`` tensor, vectorized over units."""
+
+    def __init__(self, add: torch.Tensor | None, clamp: torch.Tensor | None, policy: str, tracker: _PositionTracker | None):
+        self.add = add  # [width] in the module's dtype, gamma and sign included
+        self.clamp = clamp  # bool [width]
+        self.policy = policy
+        self.tracker = tracker
+        self._cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def _on(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        key = (hidden.device, hidden.dtype)
+        found = self._cast.get(key)
+        if found is None:
+            # Precomputed on the module's weight device; recast once if the activations live
+            # elsewhere (offloading, autocast).
+            add = None if self.add is None else self.add.to(device=hidden.device, dtype=hidden.dtype)
+            clamp = None if self.clamp is None else self.clamp.to(device=hidden.device)
+            found = self._cast[key] = (add, clamp)
+        return found
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        add, clamp = self._on(hidden)
+        keep: torch.Tensor | bool = True
+        if self.policy != "all":
+            assert self.tracker is not None
+            keep = self.tracker.mask(self.policy, int(hidden.shape[-2]), hidden.device)
+            if keep is False:
+                return hidden
+        out = hidden
+        if clamp is not None:
+            clamped = torch.where(clamp, hidden.clamp_max(0), hidden)
+            out = clamped if keep is True else torch.where(keep[:, None], clamped, hidden)
+        if add is not None:
+            # keep [seq] -> [seq, 1] broadcasts over batch and units.
+            out = out + (add if keep is True else add * keep[:, None].to(add.dtype))
+        return out
+
+
+class EditHandle:
+    """The hooks of one applied edit. A context manager: hooks go away in ``__exit__``."""
+
+    def __init__(self, edit: Edit, tracker: _PositionTracker | None):
+        self.edit = edit
+        self._tracker = tracker
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.calls: dict[int, int] = {layer: 0 for layer in edit.layers}
+
+    @property
+    def prompt_length(self) -> int | None:
+        return None if self._tracker is None else self._tracker.prompt_length
+
+    @prompt_length.setter
+    def prompt_length(self, value: int | None) -> None:
+        if self._tracker is not None:
+            self._tracker.prompt_length = value
+
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        while self._hooks:
+            self._hooks.pop().remove()
+
+    def assert_fired(self) -> None:
+        """Raise if a hooked layer never ran since ``apply()``."""
+        silent = [layer for layer, n in self.calls.items() if n == 0]
+        if silent:
+            raise RuntimeError(
+                f"The {self.edit.method} edit's hooks on layer(s) {silent} never ran: the model did not "
+                "execute those modules (was the forward pass made on another model object?)."
+            )
+
+    def __enter__(self) -> EditHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"EditHandle({self.edit.method}, {len(self.calls)} layers, {state}, calls={self.calls})"
+
+
+def _register(edit: Edit, model: nn.Module, prompt_length: int | None) -> EditHandle:
+    arch = architecture(model)
+    width = arch.width(edit.site)
+    bad = [layer for layer in edit.layers if not 0 <= layer < arch.num_layers]
+    if bad:
+        raise ValueError(
+            f"The {edit.method} edit touches layer(s) {bad}, but {arch.model_class} has layers "
+            f"0-{arch.num_layers - 1}: the edit was made for another model."
+        )
+    dense = edit.dense_vectors(width)
+    tracker = _PositionTracker(prompt_length) if edit.positions != "all" else None
+    handle = EditHandle(edit, tracker)
+    try:
+        if tracker is not None:
+            stack = _decoder_stack(model)
+            handle._hooks.append(stack.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
+            # always_call: a forward that raises must not leave stale positions behind.
+            handle._hooks.append(stack.register_forward_hook(tracker.post_hook, always_call=True))
+        for layer in edit.layers:
+            sites = arch.layers[layer]
+            module = arch.module_for(edit.site, layer)
+            device, dtype = _module_device_dtype(module, sites.mlp, sites.layer)
+            add = dense[layer].to(device=device, dtype=dtype) if layer in dense else None
+            clamp = None
+            if edit.clamp and layer in edit.clamp and edit.clamp[layer].numel():
+                idx = edit.clamp[layer]
+                if int(idx.max()) >= width:
+                    raise ValueError(f"Clamped unit {int(idx.max())} of layer {layer} is beyond the site's {width} units.")
+                clamp = torch.zeros(width, dtype=torch.bool).index_fill_(0, idx, True).to(device)
+            editor = _LayerEditor(add, clamp, edit.positions, tracker)
+            handle._hooks.append(_hook(edit.site, module, editor, handle.calls, layer))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _hook(site: str, module: nn.Module, editor: _LayerEditor, calls: dict[int, int], layer: int):
+    if site == "mlp":
+
+        def pre_hook(_module: nn.Module, args: tuple) -> tuple:
+            calls[layer] += 1
+            if not args or not torch.is_tensor(args[0]):
+                raise RuntimeError(f"Layer {layer}'s output projection was called without a positional input tensor.")
+            return (editor(args[0]), *args[1:])
+
+        return module.register_forward_pre_hook(pre_hook)
+
+    def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+        calls[layer] += 1
+        if torch.is_tensor(output):
+            return editor(output)
+        # Decoder layers of some architectures return (hidden_states, *extras).
+        return (editor(output[0]), *output[1:])
+
+    return module.register_forward_hook(hook)
+
+
+def generate_with_edit(
+    model: nn.Module | LoadedModel,
+    inputs: Mapping[str, torch.Tensor] | torch.Tensor | str | Sequence[str],
+    edit: Edit | None,
+    tokenizer: Any = None,
+    **generate_kwargs: Any,
+) -> torch.Tensor:
+    """``model.generate`` under ``edit`` (None: no edit), prompt length = the padded input length.
+
+    ``inputs``: a tokenizer output (``input_ids`` [batch, seq], ``attention_mask``), a tensor of
+    ids, or prompt text(s) with ``tokenizer`` given (encoded with left padding). Returns the
+    generated ids ``[batch, seq + new]``.
+    """
+    if isinstance(model, LoadedModel):
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    if isinstance(inputs, (str, list, tuple)):
+        if tokenizer is None:
+            raise ValueError("generate_with_edit needs a tokenizer to encode prompt text.")
+        tokenizer.padding_side = "left"
+        inputs = tokenizer([inputs] if isinstance(inputs, str) else list(inputs), return_tensors="pt", padding=True)
+    if torch.is_tensor(inputs):
+        inputs = {"input_ids": inputs}
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
+    input_ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    if mask is not None and input_ids.shape[0] > 1 and not bool(mask[:, -1].all()):
+        raise ValueError(
+            "The batch is right-padded: generated positions would start at different places per row. "
+            "Encode with tokenizer.padding_side = 'left'."
+        )
+    if tokenizer is not None and "pad_token_id" not in generate_kwargs and tokenizer.pad_token_id is not None:
+        generate_kwargs["pad_token_id"] = tokenizer.pad_token_id
+    with torch.no_grad():
+        if edit is None:
+            return model.generate(**inputs, **generate_kwargs)
+        with edit.apply(model, prompt_length=int(input_ids.shape[1])) as handle:
+            out = model.generate(**inputs, **generate_kwargs)
+            handle.assert_fired()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# building edits from a run
+
+
+def build_edit(
+    run: Run | str | os.PathLike,
+    concept: str,
+    method: str,
+    direction: str = "up",
+    gamma: float = 1.0,
+    mode: str = "both",
+    positions: str = "all",
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+) -> Edit | None:
+    """The edit of ``method`` for ``concept`` from a run's localization; None for prompt / none.
+
+    - ``dpnle``: delta = mean_high - mean_low on the selected neurons. ``mode="both"`` edits
+      HIGH and LOW together (sign +1 up, -1 down); ``mode="directional"`` edits HIGH alone to
+      raise (sign +1) and LOW alone to lower (sign -1), as the reference's directional mode
+      (its IPIP protocol) does.
+    - ``dpnle-w``: the same, delta times the DPN-LE_w weight (ranked over the edited set).
+    - ``random``: the size-matched control (see :func:`random_control_vectors`).
+    - ``npti``: gate site; see :func:`npti_edit`.
+    - ``caa``: the residual mean difference at the chosen layer.
+    """
+    method = method.strip().lower()
+    if method not in EDIT_METHODS:
+        raise ValueError(f"Unknown edit method {method!r}; choose one of {', '.join(EDIT_METHODS)}.")
+    if method in HOOKLESS_METHODS:
+        return None
+    sign = direction_sign(direction)
+    if mode not in MODES:
+        raise ValueError(f"Unknown edit mode {mode!r}; choose one of {', '.join(MODES)}.")
+    if positions not in POSITIONS:
+        raise ValueError(f"Unknown position policy {positions!r}; choose one of {', '.join(POSITIONS)}.")
+    if not math.isfinite(float(gamma)):
+        raise ValueError(f"gamma must be a finite number, not {gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
+    run = run if isinstance(run, Run) else Run.open(run)
+    meta: dict[str, Any] = {"concept": concept, "direction": direction, "mode": mode, "seed": seed, "run": run.name}
+    clamp = None
+    if method in ("dpnle", "dpnle-w"):
+        vectors = dpnle_vectors(run, concept, direction, mode=mode, weighted=method == "dpnle-w")
+        site = "mlp"
+    elif method == "random":
+        vectors = random_control_vectors(run, concept, direction, mode=mode, seed=seed)
+        site = "mlp"
+    elif method == "npti":
+        vectors, clamp, npti_meta = npti_vectors(run, concept, direction, seed=seed)
+        meta.update(npti_meta)
+        site = "gate"
+    else:
+        vectors, caa_layer = caa_vectors(run, concept)
+        meta["caa_layer"] = caa_layer
+        site = "resid"
+    if layers is not None:
+        wanted = {int(x) for x in layers}
+        vectors = {k: v for k, v in vectors.items() if k in wanted}
+        clamp = None if clamp is None else {k: v for k, v in clamp.items() if k in wanted}
+    if not vectors or not any(delta.size for _, delta in vectors.values()):
+        scope = f" in layers {sorted(int(x) for x in layers)}" if layers is not None else ""
+        raise ArtifactError(
+            f"The {method} localization of {concept!r} in run {run.name} gives no neuron to edit{scope} "
+            f"(direction {direction}, mode {mode}). Loosen the selection (dpnle localize --quantile / "
+            "--d-threshold) or pick other layers."
+        )
+    meta["neurons_per_layer"] = {int(k): int(v[1].size) for k, v in sorted(vectors.items())}
+    return Edit(method=method, site=site, vectors=vectors, gamma=float(gamma), sign=sign,
+                positions=positions, clamp=clamp, meta=meta)  # fmt: skip
+
+
+def direction_sign(direction: str) -> int:
+    try:
+        return DIRECTIONS[direction]
+    except KeyError:
+        raise ValueError(f"Unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}.") from None
+
+
+def _selection(run: Run, concept: str, method: str) -> pd.DataFrame:
+    from dpnle.localize import load_selection
+
+    return load_selection(run, concept, method)
+
+
+NumpyVectors = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def dpnle_vectors(run: Run, concept: str, direction: str, mode: str = "both", weighted: bool = False) -> NumpyVectors:
+    """The DPN-LE neurons and deltas the edit of ``direction`` in ``mode`` touches, per layer."""
+    from dpnle.localize import edit_vectors
+
+    poles = edit_vectors(_selection(run, concept, "dpnle"), weighted=weighted, mode=mode)
+    if mode == "directional":
+        return dict(poles["high" if direction_sign(direction) > 0 else "low"])
+    merged: NumpyVectors = {}
+    for layer in sorted(set(poles["high"]) | set(poles["low"])):
+        parts = [poles[p][layer] for p in ("high", "low") if layer in poles[p]]
+        idx = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        delta = np.concatenate([p[1] for p in parts]).astype(np.float32)
+        order = np.argsort(idx, kind="stable")
+        merged[layer] = (idx[order], delta[order])
+    return merged
+
+
+def _seeded_rng(seed: int, concept: str, layer: int, stream: str) -> np.random.Generator:
+    # crc32, not hash(): Python salts str hashes per process, and draws must repeat across runs.
+    return np.random.default_rng([int(seed), zlib.crc32(concept.encode()), int(layer), zlib.crc32(stream.encode())])
+
+
+def _layer_widths(run: Run, concept: str) -> dict[int, int]:
+    """Units per layer of the DPN-LE site, from the run's model record or the neurons file."""
+    frame = read_parquet(run.neurons_path(concept, "dpnle"), columns=["layer", "neuron"])
+    model = run.manifest().get("model") or {}
+    recorded = model.get("intermediate_size") or (model.get("fingerprint") or {}).get("intermediate_size")
+    grouped = frame.groupby("layer")["neuron"].agg(["count", "max"])
+    # localize writes one row per neuron of each chosen layer, so the row count is the width.
+    return {int(layer): int(max(recorded or 0, row["count"], row["max"] + 1)) for layer, row in grouped.iterrows()}
+
+
+def random_control_vectors(run: Run, concept: str, direction: str, mode: str = "both", seed: int = 0) -> NumpyVectors:
+    """The size-matched random control of the DPN-LE edit (``direction``, ``mode``).
+
+    Per layer: as many neurons as the DPN-LE edit touches there, drawn uniformly without
+    replacement from the layer's neurons outside the DPN-LE selection (HIGH and LOW, so the
+    control never touches a selected neuron); deltas with the DPN-LE edit's |delta| values of
+    that layer in a random order, each with a random sign. The draw depends on (seed, concept,
+    layer) only, so the "up" and "down" controls of mode "both" are the same neurons with
+    opposite sign, like the DPN-LE edits they control.
+    """
+    target = dpnle_vectors(run, concept, direction, mode=mode, weighted=False)
+    selection = _selection(run, concept, "dpnle")
+    widths = _layer_widths(run, concept)
+    selected_by_layer = {int(k): g["neuron"].to_numpy(np.int64) for k, g in selection.groupby("layer")}
+    vectors: NumpyVectors = {}
+    for layer, (idx, delta) in sorted(target.items()):
+        k = int(idx.size)
+        pool = np.setdiff1d(np.arange(widths[layer], dtype=np.int64), selected_by_layer.get(layer, idx))
+        if pool.size < k:
+            raise ArtifactError(
+                f"Layer {layer} has only {pool.size} unselected neurons, fewer than the {k} the random "
+                "control needs."
+            )
+        rng = _seeded_rng(seed, concept, layer, "random")
+        chosen = np.sort(rng.choice(pool, size=k, replace=False))
+        magnitudes = rng.permutation(np.abs(delta.astype(np.float32)))
+        signs = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=k)
+        vectors[layer] = (chosen, (magnitudes * signs).astype(np.float32))
+    return vectors
+
+
+def npti_vectors(
+    run: Run, concept: str, direction: str, seed: int = 0
+) -> tuple[NumpyVectors, dict[int, np.ndarray], dict[str, Any]]:
+    """NPTI's edit at the gate site: (add vectors, clamp indices, meta).
+
+    Targets are the HIGH neurons to raise the concept, the LOW ones to lower it; on a seeded
+    ``NPTI_KEEP`` share of them (exactly ``round(0.9 k)`` per layer, drawn once per
+    (seed, concept, layer, direction)) the activation gets ``gamma * v95 *
+    sigmoid(10 (|dp| - 0.15))``; every neuron of the opposite pole is clamped to ``min(a, 0)``.
+    Stored oriented toward the concept (negated for LOW targets), so sign -1 adds it.
+    """
+    sign = direction_sign(direction)
+    selection = _selection(run, concept, "npti")
+    missing = {"layer", "neuron", "delta_p", "pole", "v95"} - set(selection.columns)
+    if missing:
+        raise ArtifactError(f"The NPTI selection of {concept!r} lacks columns {sorted(missing)}; re-run localize.")
+    target_pole, opposite_pole = ("high", "low") if sign > 0 else ("low", "high")
+    pole = selection["pole"].astype(str).to_numpy()
+    targets = selection[pole == target_pole]
+    if targets["v95"].isna().any():
+        raise ArtifactError(
+            f"The NPTI selection of {concept!r} has no v95 values (the capture kept no per-sample "
+            "activations). Re-run `dpnle collect-activations` for the gate site keeping per-sample "
+            f"activations, then `dpnle localize --run {run.name} {cli_flag(concept)} --method npti`."
+        )
+    vectors: NumpyVectors = {}
+    for layer, group in targets.groupby("layer"):
+        idx = group["neuron"].to_numpy(np.int64)
+        amount = group["v95"].to_numpy(np.float64) / (
+            1.0 + np.exp(-NPTI_SLOPE * (np.abs(group["delta_p"].to_numpy(np.float64)) - NPTI_CENTRE))
+        )
+        rng = _seeded_rng(seed, concept, int(layer), f"npti-{target_pole}")
+        keep = np.sort(rng.choice(idx.size, size=int(round(NPTI_KEEP * idx.size)), replace=False))
+        order = np.argsort(idx[keep], kind="stable")
+        vectors[int(layer)] = (idx[keep][order], (sign * amount[keep][order]).astype(np.float32))
+    clamp = {int(layer): np.sort(g["neuron"].to_numpy(np.int64))
+             for layer, g in selection[pole == opposite_pole].groupby("layer")}  # fmt: skip
+    meta = {
+        "npti_keep": NPTI_KEEP,
+        "npti_targets": int(len(targets)),
+        "npti_clamped": int(sum(v.size for v in clamp.values())),
+    }
+    return vectors, clamp, meta
+
+
+def caa_vectors(run: Run, concept: str) -> tuple[dict[int, tuple[None, np.ndarray]], int]:
+    """CAA's residual vector: ``{layer: (None, delta [hidden])}`` at the chosen layer."""
+    selection = _selection(run, concept, "caa")
+    layers = selection["layer"].unique()
+    if len(layers) != 1:
+        raise ArtifactError(f"The CAA selection of {concept!r} should hold one chosen layer, not {list(layers)}.")
+    layer = int(layers[0])
+    ordered = selection.sort_values("unit")
+    units = ordered["unit"].to_numpy(np.int64)
+    if not np.array_equal(units, np.arange(units.size)):
+        raise ArtifactError(f"The CAA selection of {concept!r} does not hold every unit of layer {layer}.")
+    return {layer: (None, ordered["delta"].to_numpy(np.float32))}, layer
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _check_bakeable(edit: Edit) -> None:
+    if edit.site != "mlp":
+        raise ValueError(
+            f"Only mlp-site edits (dpnle, dpnle-w, random) fold into a bias; this {edit.method} edit is at "
+            f"the {edit.site} site ({'non-linear: it clamps activations' if edit.clamp else 'not the MLP output'})."
+        )
+    if edit.clamp:
+        raise ValueError("An edit that clamps activations is not linear and cannot be baked into a bias.")
+    if edit.positions != "all":
+        raise ValueError(
+            f"A baked bias applies at every position, but this edit's position policy is "
+            f"{edit.positions!r}. Build it with positions='all' to export it."
+        )
+
+
+@torch.no_grad()
+def bake_edit(model: nn.Module, edit: Edit) -> nn.Module:
+    """Fold an mlp-site, positions='all' edit into the output projections' biases (in place).
+
+    ``down(h + d) = down(h) + W_down @ d``: each edited layer's bias grows by
+    ``W_down @ (gamma * sign * delta)`` ([hidden]); a projection without a bias gets one.
+    Returns ``model``.
+    """
+    _check_bakeable(edit)
+    arch = architecture(model)
+    dense = edit.dense_vectors(arch.intermediate_size)
+    for layer, vector in dense.items():
+        proj = arch.layers[layer].output_projection
+        weight = arch.output_weight(layer)  # [hidden, intermediate]
+        # In float32: a bf16 matmul would round the shift before it reaches the bias.
+        shift = weight.float() @ vector.to(weight.device)
+        if getattr(proj, "bias", None) is None:
+            proj.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
+        proj.bias.add_(shift.to(proj.bias.dtype))
+    return model
+
+
+def _bias_plan(model: nn.Module) -> tuple[str, list[str]]:
+    """How a saved checkpoint of ``model`` can hold MLP output biases.
+
+    Returns ("native", []) when every output projection already has a bias, or
+    ("mlp_bias", missing parameter names) when the config's ``mlp_bias`` switch adds them.
+    """
+    arch = architecture(model)
+    if all(getattr(s.output_projection, "bias", None) is not None for s in arch.layers):
+        return "native", []
+    config = model.config
+    if hasattr(config, "mlp_bias"):
+        probe_config = copy.deepcopy(config)
+        probe_config.mlp_bias = True
+        # On the meta device: the class's own constructor tells which parameters the switch adds,
+        # at no memory cost.
+        with torch.device("meta"):
+            probe = type(model)(probe_config)
+        probe_arch = architecture(probe)
+        if all(getattr(s.output_projection, "bias", None) is not None for s in probe_arch.layers):
+            have = set(dict(model.named_parameters(remove_duplicate=False)))
+            missing = [n for n, _ in probe.named_parameters(remove_duplicate=False) if n not in have]
+            return "mlp_bias", missing
+    raise UnsupportedModelError(
+        f"Cannot export a baked edit for {type(model).__name__}: its MLP output projection has no bias and "
+        "its config has no mlp_bias switch, so plain transformers would drop the baked bias. Supported: "
+        "configs with mlp_bias (Llama, SmolLM2/SmolLM3, Granite, Helium, ...) and models whose MLP output "
+        "already has a bias (GPT-2, GPT-NeoX/Pythia, OPT). Use the hooked edit (dpnle edit-eval) instead."
+    )
+
+
+def _add_zero_parameters(model: nn.Module, names: Sequence[str]) -> None:
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if attr != "bias" or not isinstance(owner, nn.Linear):
+            raise UnsupportedModelError(
+                f"Setting mlp_bias on {type(model).__name__} adds {name}, which is not a Linear bias; "
+                "dpnle does not know how to fill it."
+            )
+        owner.bias = nn.Parameter(torch.zeros(owner.out_features, device=owner.weight.device, dtype=owner.weight.dtype))
+
+
+def export_checkpoint(
+    loaded_or_model: LoadedModel | nn.Module,
+    tokenizer: Any,
+    edit: Edit,
+    out_dir: str | os.PathLike,
+    *,
+    in_place: bool = False,
+    overwrite: bool = False,
+    source: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save ``model`` with ``edit`` baked in as a standalone Hugging Face checkpoint in ``out_dir``.
+
+    Loadable with plain ``AutoModelForCausalLM.from_pretrained(out_dir)``. For Llama-family
+    configs ``config.mlp_bias`` is set (every MLP Linear of every layer gets a bias, zero
+    except the edited down_proj ones); models whose MLP output already has a bias keep their
+    config. ``in_place=False`` bakes into a deep copy (twice the memory); ``in_place=True``
+    bakes into the given model. ``dpnle_edit.json`` next to the weights says what was baked.
+    """
+    if edit is None:
+        raise ValueError("Nothing to export: methods prompt and none make no edit.")
+    _check_bakeable(edit)
+    if isinstance(loaded_or_model, LoadedModel):
+        model = loaded_or_model.model
+        tokenizer = tokenizer or loaded_or_model.tokenizer
+        source_info: dict[str, Any] = {"id": loaded_or_model.model_id, "fingerprint": loaded_or_model.fingerprint}
+    else:
+        model = loaded_or_model
+        source_info = {"id": getattr(model.config, "_name_or_path", None) or type(model).__name__}
+    if source is not None:
+        source_info.update(source)
+    if "fingerprint" not in source_info or not source_info["fingerprint"]:
+        from dpnle.models import config_digest, weights_digest
+
+        source_info["fingerprint"] = {"class": type(model).__name__, "config_sha256": config_digest(model),
+                                      "weights_sha256": weights_digest(model)}  # fmt: skip
+    plan, missing = _bias_plan(model)
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pick another folder or pass overwrite=True.")
+    target = model if in_place else copy.deepcopy(model)
+    if plan == "mlp_bias":
+        _add_zero_parameters(target, missing)
+        target.config.mlp_bias = True
+    bake_edit(target, edit)
+
+    staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        target.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_json(
+            staging / EDIT_INFO_FILE,
+            {
+                "dpnle_version": __version__,
+                "created": now(),
+                "concept": edit.meta.get("concept"),
+                "method": edit.method,
+                "direction": edit.meta.get("direction", "up" if edit.sign > 0 else "down"),
+                "mode": edit.meta.get("mode"),
+                "gamma": edit.gamma,
+                "sign": edit.sign,
+                "positions": edit.positions,
+                "site": edit.site,
+                "neurons": edit.num_neurons,
+                "neurons_per_layer": {str(k): v for k, v in edit.neurons_per_layer().items()},
+                "bias": "config.mlp_bias = true (zero biases except the edited down_proj)"
+                if plan == "mlp_bias" else "the model's own MLP output bias",
+                "source_model": source_info,
+                "meta": {k: v for k, v in edit.meta.items() if k not in ("neurons_per_layer",)},
+            },
+        )  # fmt: skip
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

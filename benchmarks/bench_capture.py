@@ -1,0 +1,234 @@
+"""Benchmark: activation capture (stage 1) against a bare forward pass and the reference approach.
+
+Over the DPN-LE prompts of one trait (``make_pairs('openness')``, both sides, rendered with
+the chat template), timed end to end with the model already loaded:
+
+- ``bare``: the model body (decoder layers and final norm, no lm_head) over exactly the
+  batches dpnle forms (length-sorted, left-padded, same batch size), nothing captured;
+- ``dpnle``: :func:`dpnle.collect.collect`, mlp site, last token (layers 12-31 at 8B scale,
+  all layers for the small model), float32 results on the host, batch-size probe included;
+- ``reference``: the DPN-LE reference code's approach: batches of 8 in the pairs' order,
+  tokenizer padding, the full model forward including the lm_head, and a forward pre-hook that
+  copies the last token's down_proj input to the host in float32 per layer per batch.
+
+Prints time, tokens/s (non-pad prompt tokens), peak memory, the ratios dpnle/bare and
+dpnle/reference in throughput, and MFU on CUDA (2 x decoder-layer parameters x tokens / time
+/ peak, peak 989 TFLOP/s for an H100 in dense bf16).
+
+Run:
+    python benchmarks/bench_capture.py                                   # embedded model, CPU
+    python benchmarks/bench_capture.py --device cuda --config llama3-8b  # random-init 8B, bf16
+Needs the PersonalityBench descriptions (``DPNLE_DATA_MIRROR=../shared/datasets`` offline).
+Targets (issue 3): dpnle >= 0.95x the bare forward's throughput; at 8B on one H100, 2,000 prompts
+of one trait in <= 8 s (>= 60% MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpnle.arch import architecture
+from dpnle.collect import _encode, _length_sorted_batches, _pad_id, _pad_left, collect
+from dpnle.models import load_model, resolve_source
+from dpnle.pairs import make_pairs, render_prompt, to_samples
+
+H100_BF16_DENSE_PEAK = 989e12
+
+# meta-llama/Meta-Llama-3-8B-Instruct config.json (the architecture only; weights are random).
+LLAMA3_8B_CONFIG: dict[str, Any] = {
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128009,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "mlp_bias": False,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "vocab_size": 128256,
+}
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float
+    tokens: int
+    peak_memory_gib: float
+    batch_size: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def build(config: str, device: str) -> tuple[nn.Module, Any, str]:
+    """(model, tokenizer, description). The 8B model borrows the embedded model's tokenizer and
+    chat template (no download); its prompt lengths are close to Llama-3's for this text."""
+    if config == "smollm2":
+        loaded = load_model("smollm2-135m-instruct", device=device, fingerprint=False)
+        dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
+        return loaded.model, loaded.tokenizer, f"SmolLM2-135M-Instruct ({dtype})"
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    _, source, _ = resolve_source("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialize on the device: seconds, not minutes on the CPU
+        model = LlamaForCausalLM._from_config(LlamaConfig(**LLAMA3_8B_CONFIG), dtype=torch.bfloat16)
+    return model.eval(), tokenizer, "random-init Llama-3-8B-Instruct config (bfloat16)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is the process's peak so far (KiB on Linux): it only ever grows.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def timed(name: str, device: torch.device, tokens: int, fn: Callable[[], int]) -> Result:
+    """Time ``fn`` (which returns the batch size it used) from a synchronized start to a
+    synchronized end, with the peak memory it reached."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    start = time.perf_counter()
+    batch_size = fn()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return Result(name, seconds, tokens, peak_memory_gib(device), batch_size)
+
+
+@torch.inference_mode()
+def bare_forward(model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int) -> None:
+    body = model.base_model  # decoder layers + final norm, no lm_head
+    device = next(model.parameters()).device
+    encoded = _encode(tokenizer, prompts)
+    pad = _pad_id(tokenizer)
+    for positions in _length_sorted_batches(encoded, batch_size):
+        batch = _pad_left(encoded, positions, pad, device, "last")
+        position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+        body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+             use_cache=False)
+
+
+@torch.no_grad()
+def reference_capture(model: nn.Module, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int]) -> None:
+    """The DPN-LE reference extractor's approach, for comparison (not dpnle code)."""
+    arch = architecture(model)
+    device = next(model.parameters()).device
+    store: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+
+    def make_hook(layer: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            store[layer].append(args[0][:, -1, :].detach().float().cpu())
+
+        return hook
+
+    handles = [arch.layers[layer].output_projection.register_forward_pre_hook(make_hook(layer)) for layer in layers]
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), 8):
+            inputs = tokenizer(list(prompts[start : start + 8]), return_tensors="pt", padding=True,
+                               add_special_tokens=False).to(device)
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=("smollm2", "llama3-8b"), default="smollm2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num-pairs", type=int, default=None,
+                        help="pairs of openness (2 prompts each); default 100 on CPU, 1000 on CUDA")
+    parser.add_argument("--batch-size", default="auto", help="dpnle's batch size (int or auto)")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    num_pairs = args.num_pairs or (1000 if device.type == "cuda" else 100)
+    model, tokenizer, description = build(args.config, args.device)
+    arch = architecture(model)
+    layers = list(range(12, 32)) if args.config == "llama3-8b" else list(range(arch.num_layers))
+    samples = to_samples(make_pairs("openness", num_pairs=num_pairs))
+    prompts = [render_prompt(tokenizer, m, p) for m, p in zip(samples["message"], samples["response_prefix"],
+                                                                  strict=True)]
+    tokens = sum(len(e.ids) for e in _encode(tokenizer, prompts))
+    batch_size: int | str = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+
+    # One short pass first, so no measurement pays for kernel and allocator start-up.
+    collect(model, tokenizer, prompts[:2], layers=layers, batch_size=2, progress=False)
+
+    def run_dpnle() -> int:
+        capture = collect(model, tokenizer, prompts, site="mlp", policy="last", layers=layers,
+                          batch_size=batch_size, progress=False)
+        return capture.batch_size
+
+    def run_bare() -> int:
+        bare_forward(model, tokenizer, prompts, dpnle.batch_size)
+        return dpnle.batch_size
+
+    def run_reference() -> int:
+        reference_capture(model, tokenizer, prompts, layers)
+        return 8
+
+    dpnle = timed("dpnle", device, tokens, run_dpnle)
+    bare = timed("bare", device, tokens, run_bare)
+    results = [bare, dpnle]
+    if not args.skip_reference:
+        results.append(timed("reference", device, tokens, run_reference))
+
+    layer_params = sum(p.numel() for layer in arch.layers for p in layer.layer.parameters())
+    print(f"model      {description}, {arch.num_layers} layers, captured layers {layers[0]}-{layers[-1]}")
+    print(f"device     {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"prompts    {len(prompts)} (openness, {num_pairs} pairs), {tokens:,} tokens, "
+          f"{tokens / len(prompts):.1f} per prompt")
+    memory_label = "peak GiB (CUDA allocated)" if device.type == "cuda" else "peak RSS GiB (process)"
+    print(f"\n{'':10} {'batch':>6} {'seconds':>9} {'tokens/s':>11} {memory_label:>26}" +
+          (f" {'MFU':>7}" if device.type == "cuda" else ""))
+    for r in results:
+        line = f"{r.name:10} {r.batch_size:>6} {r.seconds:>9.2f} {r.tokens_per_s:>11,.0f} {r.peak_memory_gib:>26.2f}"
+        if device.type == "cuda":
+            line += f" {2 * layer_params * r.tokens / r.seconds / H100_BF16_DENSE_PEAK:>7.1%}"
+        print(line)
+    print(f"\ndpnle / bare throughput:      {bare.seconds / dpnle.seconds:.3f}x (target >= 0.95x)")
+    if not args.skip_reference:
+        reference = results[-1]
+        print(f"dpnle / reference throughput: {reference.seconds / dpnle.seconds:.2f}x")
+    print(json.dumps({"config": args.config, "device": str(device), "prompts": len(prompts), "tokens": tokens,
+                      "results": [asdict(r) for r in results]}))
+
+
+if __name__ == "__main__":
+    main()

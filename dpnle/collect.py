@@ -1,0 +1,1158 @@
+"""Stage 1: capture per-sample activations at one site and token policy, and their statistics.
+
+Two layers of API:
+
+- :func:`collect` (notebook API): prompts in, ``{layer: [n_prompts, width] float32}`` out.
+- :func:`collect_concept` (the stage): a concept's contrastive pairs in, a resumable capture
+  in ``runs/<run>/activations/<concept>/<site>-<policy>/`` out: float16 Parquet shards, the
+  per-shard statistic partials, the merged ``stats.parquet`` and a manifest.
+
+How a batch is captured, and why:
+
+- Prompts are tokenized once, sorted by length (longest first, so an out-of-memory error shows
+  on the first batch) and padded on the left, so the last prompt token is position -1 of every
+  row and padding waste is small. Position ids come from the attention mask, so a padded row
+  sees exactly the positions it would see alone (this matters for absolute position
+  embeddings such as GPT-2's).
+- A hook on each captured layer reduces the site's [batch, seq, width] tensor to
+  [batch, width] on the device (last token, or a masked mean) and writes it into one
+  preallocated float32 buffer; nothing of sequence length is kept. The hook of the last needed
+  layer raises a private exception that ends the forward pass, so later layers, the final norm
+  and the lm_head never run.
+- Statistics are computed from these float32 values (per batch and pole, reduced on the device
+  in float64, merged on the host with Chan's formula). Only the stored copy is rounded to
+  float16, so localization never sees storage rounding.
+- The stage assigns samples to shards in order of prompt length, so batches inside a shard are
+  nearly free of padding even when a batch is as large as a shard, and a writer thread
+  compresses and writes one shard while the device captures the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import Tensor, nn
+
+from dpnle import runs as runs_io
+from dpnle.arch import SITES, Architecture, architecture, check_site
+from dpnle.concepts import TRAITS
+from dpnle.pairs import pairs_digest, render_prompt, to_samples
+from dpnle.stats import LayerStats, RunningMoments
+
+__all__ = [
+    "SITES",
+    "POLICIES",
+    "Capture",
+    "CaptureSummary",
+    "collect",
+    "generate_responses",
+    "capture_dir",
+    "collect_concept",
+    "load_stats",
+    "load_activations",
+]
+
+POLICIES = ("last", "prompt-mean", "response-mean")
+MEAN_POLICIES = ("prompt-mean", "response-mean")
+CPU_BATCH_SIZE = 16
+MAX_AUTO_BATCH_SIZE = 256
+POLES = ("high", "low")
+
+MANIFEST_FILE = "manifest.json"
+STATS_FILE = "stats.parquet"
+PAIRS_FILE = "pairs.parquet"
+
+
+def check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"Unknown token policy {policy!r}; choose one of {', '.join(POLICIES)}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class Capture:
+    """Activations of ``collect``: one [n_prompts, width] float32 array per layer, rows in the
+    order of the prompts given."""
+
+    activations: dict[int, np.ndarray]  # layer -> [n_prompts, width] float32
+    positive_fraction: dict[int, np.ndarray] | None  # layer -> [n_prompts, width]: gate site, mean policies
+    num_tokens: int  # non-pad tokens that went through the model
+    site: str = "mlp"
+    policy: str = "last"
+    layers: list[int] = field(default_factory=list)
+    responses: list[str] | None = None  # the responses reduced over (policy response-mean)
+    batch_size: int = 0  # prompts per forward pass (resolved from "auto")
+
+
+@dataclass
+class CaptureSummary:
+    concept: str
+    site: str
+    policy: str
+    num_samples: int
+    num_tokens: int
+    seconds: float
+    path: Path
+    resumed_from: int  # samples already captured (complete shards) when this call started
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization and batching
+
+
+@dataclass
+class _Encoded:
+    """One prompt (plus response, for response-mean) as token ids."""
+
+    ids: list[int]
+    reduce_tokens: int  # the mean policies average over the last ``reduce_tokens`` ids
+
+
+@dataclass
+class _Batch:
+    positions: np.ndarray  # [batch] indices into the encoded list
+    input_ids: Tensor  # [batch, seq] left-padded
+    attention_mask: Tensor  # [batch, seq] 1 for real tokens
+    reduce_mask: Tensor | None  # [batch, seq] bool: tokens a mean policy averages over
+    num_tokens: int
+
+
+@dataclass
+class _BatchResult:
+    positions: np.ndarray  # [batch] indices into the encoded list
+    acts: Tensor  # [layers, batch, width] float32 on the model's device
+    positive_fraction: Tensor | None  # [layers, batch, width] float32 (gate site, mean policies)
+    num_tokens: int
+
+
+def _uses_template_specials(tokenizer: Any) -> bool:
+    # A chat template writes its own special tokens (BOS included); adding them again when
+    # tokenizing the rendered text would double the BOS of Llama-3-style templates.
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _encode(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str] | None = None,
+    policy: str = "last",
+) -> list[_Encoded]:
+    add_special = not _uses_template_specials(tokenizer)
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=add_special)["input_ids"]
+    if any(len(ids) == 0 for ids in prompt_ids):
+        empty = next(i for i, ids in enumerate(prompt_ids) if len(ids) == 0)
+        raise ValueError(f"Prompt {empty} tokenizes to no tokens; every prompt needs at least one.")
+    if policy != "response-mean":
+        return [_Encoded(list(ids), len(ids)) for ids in prompt_ids]
+    if responses is None or len(responses) != len(prompts):
+        raise ValueError("Policy response-mean needs one response text per prompt.")
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    encoded = []
+    for p_ids, r_ids in zip(prompt_ids, response_ids, strict=True):
+        # A model that stops at once answered with EOS alone: average over that token.
+        r_ids = list(r_ids) if len(r_ids) else [eos]
+        encoded.append(_Encoded(list(p_ids) + r_ids, len(r_ids)))
+    return encoded
+
+
+def _length_sorted_batches(encoded: Sequence[_Encoded], batch_size: int) -> list[np.ndarray]:
+    lengths = np.fromiter((len(e.ids) for e in encoded), dtype=np.int64, count=len(encoded))
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _pad_left(
+    encoded: Sequence[_Encoded], positions: np.ndarray, pad_id: int, device: torch.device, policy: str
+) -> _Batch:
+    rows = [encoded[i] for i in positions]
+    seq = max(len(r.ids) for r in rows)
+    input_ids = np.full((len(rows), seq), pad_id, dtype=np.int64)
+    attention = np.zeros((len(rows), seq), dtype=np.int64)
+    reduce = np.zeros((len(rows), seq), dtype=bool) if policy in MEAN_POLICIES else None
+    for row, enc in enumerate(rows):
+        input_ids[row, seq - len(enc.ids) :] = enc.ids
+        attention[row, seq - len(enc.ids) :] = 1
+        if reduce is not None:
+            reduce[row, seq - enc.reduce_tokens :] = True
+    return _Batch(
+        positions=np.asarray(positions),
+        input_ids=torch.from_numpy(input_ids).to(device),
+        attention_mask=torch.from_numpy(attention).to(device),
+        reduce_mask=None if reduce is None else torch.from_numpy(reduce).to(device),
+        num_tokens=int(attention.sum()),
+    )
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first.")
+    return int(pad)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    # With an accelerate device_map the inputs go where the embeddings are.
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def _normalize_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(num_layers))
+    normalized = []
+    for layer in layers:
+        idx = int(layer) + num_layers if int(layer) < 0 else int(layer)
+        if not 0 <= idx < num_layers:
+            raise ValueError(f"Layer {layer} is out of range: the model has layers 0-{num_layers - 1}.")
+        normalized.append(idx)
+    if not normalized:
+        raise ValueError("The layer selection is empty; pass None for all layers.")
+    return sorted(set(normalized))
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last captured layer: nothing after it is needed."""
+
+
+class _SiteRecorder:
+    """Hooks on ``site`` of ``layers`` that reduce every batch to [batch, width] on the device.
+
+    Use as a context manager (hooks are removed on exit, whatever happens); call :meth:`run`
+    per batch.
+    """
+
+    def __init__(self, arch: Architecture, site: str, policy: str, layers: Sequence[int]):
+        check_site(site)
+        check_policy(policy)
+        self.arch = arch
+        self.site = site
+        self.policy = policy
+        self.layers = list(layers)
+        self.width = arch.width(site)
+        self.track_positive = site == "gate" and policy in MEAN_POLICIES
+        self._modules = [arch.module_for(site, layer) for layer in self.layers]  # raises for a missing site
+        self._handles: list[Any] = []
+        self._batch: _Batch | None = None
+        self._acts: Tensor | None = None  # [layers, batch, width] float32
+        self._positive: Tensor | None = None
+        self._fired: list[bool] = []
+
+    def buffer_elements(self, batch_size: int) -> int:
+        """float32 elements the per-batch output buffers take."""
+        return (2 if self.track_positive else 1) * len(self.layers) * batch_size * self.width
+
+    def __enter__(self) -> _SiteRecorder:
+        try:
+            for slot, module in enumerate(self._modules):
+                if self.site == "mlp":
+                    handle = module.register_forward_pre_hook(self._pre_hook(slot))
+                else:
+                    handle = module.register_forward_hook(self._post_hook(slot))
+                self._handles.append(handle)
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _pre_hook(self, slot: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._record(slot, args[0])
+
+        return hook
+
+    def _post_hook(self, slot: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self._record(slot, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def _record(self, slot: int, hidden: Tensor) -> None:
+        """Reduce ``hidden`` [batch, seq, width] into the buffer; stop after the last layer."""
+        batch, acts = self._batch, self._acts
+        if batch is None or acts is None:  # a forward outside run(): not ours to record
+            return
+        if self.policy == "last":
+            acts[slot].copy_(hidden[:, -1, :])  # left padding: the last prompt token is at -1
+        else:
+            mask = batch.reduce_mask  # [batch, seq]
+            assert mask is not None
+            counts = mask.sum(dim=1, keepdim=True).to(torch.float32)  # [batch, 1]
+            # A select, not a product: padded positions may hold NaN, and NaN * 0 is NaN.
+            # The sum accumulates in float32 whatever the model's dtype.
+            summed = torch.where(mask[..., None], hidden, hidden.new_zeros(())).sum(dim=1, dtype=torch.float32)
+            acts[slot].copy_(summed / counts)
+            if self._positive is not None:
+                positive = ((hidden > 0) & mask[..., None]).sum(dim=1, dtype=torch.float32)
+                self._positive[slot].copy_(positive / counts)
+        self._fired[slot] = True
+        if slot == len(self.layers) - 1:
+            raise _StopForward
+
+    @torch.inference_mode()
+    def run(self, model: nn.Module, batch: _Batch) -> _BatchResult:
+        if not self._handles:
+            raise RuntimeError("_SiteRecorder.run needs the hooks: use it inside `with recorder:`.")
+        device = batch.input_ids.device
+        shape = (len(self.layers), batch.input_ids.shape[0], self.width)
+        self._acts = torch.empty(shape, dtype=torch.float32, device=device)
+        self._positive = torch.empty(shape, dtype=torch.float32, device=device) if self.track_positive else None
+        self._fired = [False] * len(self.layers)
+        self._batch = batch
+        # Positions from the mask: a left-padded row then sees the positions it would see alone.
+        position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        try:
+            model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
+        except _StopForward:
+            pass
+        finally:
+            self._batch = None
+        missing = [layer for layer, fired in zip(self.layers, self._fired, strict=True) if not fired]
+        if missing:
+            raise RuntimeError(
+                f"The {self.site} hooks of layers {missing} did not fire during the forward pass of "
+                f"{type(model).__name__}: the model does not call the module dpnle.arch found for this site "
+                "(a fused or compiled implementation?). Load it without fusion, or report the architecture."
+            )
+        acts, positive = self._acts, self._positive
+        self._acts = self._positive = None
+        return _BatchResult(batch.positions, acts, positive, batch.num_tokens)
+
+
+def _run_batches(
+    recorder: _SiteRecorder,
+    model: nn.Module,
+    encoded: Sequence[_Encoded],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+) -> Iterator[_BatchResult]:
+    for positions in _length_sorted_batches(encoded, batch_size):
+        batch = _pad_left(encoded, positions, pad_id, device, recorder.policy)
+        yield recorder.run(model, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch size
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _probe_batch_size(
+    recorder: _SiteRecorder, model: nn.Module, longest: _Encoded, limit: int, pad_id: int, device: torch.device
+) -> int:
+    """The largest power of two (<= ``limit``, <= 256) at which a batch of the longest prompt fits.
+
+    Without gradients every layer needs the same transient memory, so the probe runs only up to
+    the site of layer 1 (a few percent of a forward pass) while holding as much memory as the
+    capture's output buffers will take.
+    """
+    size = 1 << max(0, int(math.floor(math.log2(max(1, min(limit, MAX_AUTO_BATCH_SIZE))))))
+    probe_layer = min(1, recorder.arch.num_layers - 1)
+    with _SiteRecorder(recorder.arch, recorder.site, recorder.policy, [probe_layer]) as probe:
+        while size >= 1:
+            if _fits(probe, model, longest, size, pad_id, device, reserve=recorder.buffer_elements(size)):
+                return size
+            size //= 2
+    raise RuntimeError(
+        f"Even a batch of one prompt of {len(longest.ids)} tokens does not fit on {device}: use a device "
+        "with more memory, a smaller dtype (--dtype bfloat16), or --device-map auto to spread the model."
+    )
+
+
+def _fits(
+    probe: _SiteRecorder,
+    model: nn.Module,
+    longest: _Encoded,
+    size: int,
+    pad_id: int,
+    device: torch.device,
+    reserve: int,
+) -> bool:
+    try:
+        reserved = torch.empty(reserve, dtype=torch.float32, device=device)
+        batch = _pad_left([longest] * size, np.arange(size), pad_id, device, probe.policy)
+        probe.run(model, batch)
+        torch.cuda.synchronize(device)
+        del reserved, batch
+        return True
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_oom(exc):
+            raise
+    # Out here the failed batch and the exception's frames are released, so the cache can shrink.
+    torch.cuda.empty_cache()
+    return False
+
+
+def _resolve_batch_size(
+    batch_size: int | str,
+    recorder: _SiteRecorder,
+    model: nn.Module,
+    encoded: Sequence[_Encoded],
+    pad_id: int,
+    device: torch.device,
+    extra_tokens: int = 0,
+) -> int:
+    if batch_size != "auto":
+        try:
+            size = int(batch_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"batch_size must be a positive integer or 'auto', not {batch_size!r}.") from None
+        if size < 1:
+            raise ValueError(f"batch_size must be a positive integer or 'auto', not {batch_size!r}.")
+        return size
+    if device.type != "cuda" or not encoded:
+        return CPU_BATCH_SIZE
+    longest = max(encoded, key=lambda e: len(e.ids))
+    if extra_tokens:
+        # Responses are not generated yet: probe with room for the longest possible one.
+        longest = _Encoded(longest.ids + [pad_id] * extra_tokens, len(longest.ids) + extra_tokens)
+    return _probe_batch_size(recorder, model, longest, len(encoded), pad_id, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+
+class _Progress:
+    """A rich progress bar with samples/s and tokens/s; a no-op when disabled."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True):
+        self.total = total
+        self.description = description
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+        self._samples = 0
+        self._tokens = 0
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.description, total=self.total, rate="")
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None
+
+    def skip(self, samples: int) -> None:
+        """Count already-captured samples toward the bar, not toward the rates."""
+        if self._progress is not None:
+            self._progress.update(self._task, advance=samples)
+
+    def advance(self, samples: int, tokens: int) -> None:
+        self._samples += samples
+        self._tokens += tokens
+        if self._progress is not None:
+            elapsed = max(time.perf_counter() - self._start, 1e-9)
+            rate = f"{self._samples / elapsed:,.1f} samples/s  {self._tokens / elapsed:,.0f} tok/s"
+            self._progress.update(self._task, advance=samples, rate=rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# notebook API
+
+
+def _generate_or_none(
+    model: nn.Module,
+    encoded: Sequence[_Encoded],
+    positions: np.ndarray,
+    pad_id: int,
+    device: torch.device,
+    config: Any,
+) -> Tensor | None:
+    """The new tokens [batch, new] (on the host) of one left-padded batch, or None if it ran
+    out of device memory with more than one prompt."""
+    batch = _pad_left(encoded, positions, pad_id, device, "last")
+    try:
+        out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, generation_config=config)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_oom(exc) or len(positions) == 1:
+            raise
+        return None
+    return out[:, batch.input_ids.shape[1] :].cpu()
+
+
+def generate_responses(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int | str = "auto",
+    progress: bool = False,
+) -> list[str]:
+    """Greedy responses to ``prompts`` (special tokens stripped), in the prompts' order."""
+    from transformers import GenerationConfig
+
+    device = _model_device(model)
+    pad_id = _pad_id(tokenizer)
+    size = CPU_BATCH_SIZE if batch_size == "auto" else int(batch_size)
+    if batch_size == "auto" and device.type == "cuda":
+        size = 64  # the KV cache, not the activations, bounds generation; halved on OOM below
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
+    encoded = _encode(tokenizer, prompts)
+    responses: list[str] = [""] * len(prompts)
+    pending = _length_sorted_batches(encoded, size)
+    with _Progress(len(prompts), "generating", progress) as bar, torch.inference_mode():
+        while pending:
+            positions = pending.pop(0)
+            out = _generate_or_none(model, encoded, positions, pad_id, device, config)
+            if out is None:  # out of memory: split the batch in two and go on
+                torch.cuda.empty_cache()
+                half = len(positions) // 2
+                pending[:0] = [positions[:half], positions[half:]]
+                continue
+            for row, index in enumerate(positions):
+                responses[index] = tokenizer.decode(out[row], skip_special_tokens=True)
+            bar.advance(len(positions), sum(len(encoded[i].ids) for i in positions))
+    return responses
+
+
+def collect(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    site: str = "mlp",
+    policy: str = "last",
+    layers: Sequence[int] | None = None,
+    batch_size: int | str = "auto",
+    response_texts: Sequence[str] | None = None,
+    progress: bool = True,
+) -> Capture:
+    """Capture ``site`` activations of ``prompts`` (already rendered text) under ``policy``.
+
+    ``last``: the last prompt token. ``prompt-mean``: the mean over the prompt's tokens.
+    ``response-mean``: the mean over the tokens of ``response_texts`` appended after each
+    prompt (a teacher-forced pass); when None, greedy responses of up to 64 tokens are
+    generated first. Returns float32 arrays with rows in the order of ``prompts``.
+    """
+    check_site(site)
+    check_policy(policy)
+    arch = architecture(model)
+    layer_list = _normalize_layers(layers, arch.num_layers)
+    device = _model_device(model)
+    pad_id = _pad_id(tokenizer)
+    if policy == "response-mean" and response_texts is None:
+        response_texts = generate_responses(model, tokenizer, prompts, batch_size=batch_size, progress=progress)
+    encoded = _encode(tokenizer, prompts, response_texts, policy)
+    width = arch.width(site)
+    activations = {layer: np.empty((len(prompts), width), dtype=np.float32) for layer in layer_list}
+    positive: dict[int, np.ndarray] | None = None
+    num_tokens = 0
+    with _SiteRecorder(arch, site, policy, layer_list) as recorder:
+        if recorder.track_positive:
+            positive = {layer: np.empty((len(prompts), width), dtype=np.float32) for layer in layer_list}
+        size = _resolve_batch_size(batch_size, recorder, model, encoded, pad_id, device)
+        with _Progress(len(prompts), f"capture {site}/{policy}", progress) as bar:
+            for result in _run_batches(recorder, model, encoded, size, pad_id, device):
+                acts = result.acts.cpu().numpy()  # [layers, batch, width]
+                fractions = None if result.positive_fraction is None else result.positive_fraction.cpu().numpy()
+                for slot, layer in enumerate(layer_list):
+                    activations[layer][result.positions] = acts[slot]
+                    if positive is not None and fractions is not None:
+                        positive[layer][result.positions] = fractions[slot]
+                num_tokens += result.num_tokens
+                bar.advance(len(result.positions), result.num_tokens)
+    return Capture(
+        activations=activations,
+        positive_fraction=positive,
+        num_tokens=num_tokens,
+        site=site,
+        policy=policy,
+        layers=layer_list,
+        responses=None if response_texts is None else list(response_texts),
+        batch_size=size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage: artifacts
+
+
+def capture_dir(run: runs_io.Run, concept: str, site: str = "mlp", policy: str = "last") -> Path:
+    return run.activations_dir(concept) / f"{site}-{policy}"
+
+
+def _shard_path(directory: Path, shard: int) -> Path:
+    return directory / f"shard-{shard:05d}.parquet"
+
+
+def _stats_shard_path(directory: Path, shard: int) -> Path:
+    return directory / f"stats-shard-{shard:05d}.parquet"
+
+
+def _collect_command(run: runs_io.Run, concept: str, site: str, policy: str) -> str:
+    flag = "--trait" if concept in TRAITS else "--value"
+    return f"dpnle collect-activations --run {run.name} {flag} {concept} --site {site} --policy {policy}"
+
+
+def _key_digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe_key_value(field_name: str, value: Any, manifest: dict[str, Any]) -> str:
+    if field_name == "model":
+        model_id = manifest.get("model", {}).get("id", "?")
+        return f"{model_id} (fingerprint {value})"
+    return repr(value)
+
+
+def _check_key(directory: Path, manifest: dict[str, Any], key: dict[str, Any], new_manifest: dict[str, Any]) -> None:
+    old_key = manifest.get("key", {})
+    fields = sorted(set(old_key) | set(key))
+    differing = [f for f in fields if old_key.get(f) != key.get(f)]
+    if not differing:
+        return
+    details = "; ".join(
+        f"{f}: {_describe_key_value(f, old_key.get(f), manifest)} there, "
+        f"{_describe_key_value(f, key.get(f), new_manifest)} now"
+        for f in differing
+    )
+    raise runs_io.ArtifactError(
+        f"The capture in {directory} was made with a different {', '.join(differing)} ({details}). "
+        "Pass --overwrite (overwrite=True) to discard it and start over, or use another --run."
+    )
+
+
+def _remove_temp_files(directory: Path) -> None:
+    # runs.atomic_path writes ".<name>.<random>.tmp" next to the target; a kill leaves them behind.
+    for tmp in directory.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _shard_is_complete(directory: Path, shard: int, key_digest: str) -> bool:
+    """Both the shard and its statistics partial exist, are readable and belong to this capture."""
+    for path in (_stats_shard_path(directory, shard), _shard_path(directory, shard)):
+        if not path.exists():
+            return False
+        try:
+            meta = runs_io.parquet_metadata(path)
+        except runs_io.ArtifactError:
+            return False
+        if meta.get("key_digest") != key_digest or meta.get("shard") != shard:
+            raise runs_io.ArtifactError(
+                f"{path} belongs to another capture (its key differs from {directory / MANIFEST_FILE}). "
+                "Pass --overwrite to start over."
+            )
+    return True
+
+
+def _moments_table(moments: dict[tuple[str, int], RunningMoments], layers: Sequence[int], width: int) -> pa.Table:
+    """One row per (pole, layer): n, mean, m2 and pos_frac_sum (float64 lists)."""
+    poles, layer_col, counts, means, m2s, pos_sums = [], [], [], [], [], []
+    for pole in POLES:
+        for layer in layers:
+            m = moments[pole, layer]
+            poles.append(pole)
+            layer_col.append(layer)
+            counts.append(m.n)
+            means.append(m.mean)
+            m2s.append(m.m2)
+            pos_sums.append(m.positive_fraction_sum)
+    has_pos = any(p is not None for p in pos_sums)
+    return pa.table(
+        {
+            "pole": pa.array(poles, pa.string()),
+            "layer": pa.array(layer_col, pa.int16()),
+            "n": pa.array(counts, pa.int64()),
+            "mean": _float64_lists(means, width),
+            "m2": _float64_lists(m2s, width),
+            "pos_frac_sum": _float64_lists(pos_sums, width) if has_pos else pa.nulls(len(poles), pa.list_(pa.float64())),
+        }
+    )
+
+
+def _float64_lists(rows: Sequence[np.ndarray | None], width: int) -> pa.Array:
+    """[rows] of [width] float64 vectors as a list<float64> column, without a Python-float detour."""
+    values = np.zeros((len(rows), width), dtype=np.float64)
+    for i, row in enumerate(rows):
+        if row is not None:
+            values[i] = row
+    offsets = pa.array(np.arange(len(rows) + 1, dtype=np.int32) * width, pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)))
+
+
+def _list_column(table: pa.Table, name: str, width: int) -> np.ndarray | None:
+    """A list<float64> column as a [rows, width] array (None when the column is all null)."""
+    column = table.column(name).combine_chunks()
+    if column.null_count == len(column):
+        return None
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float64).reshape(len(column), width)
+
+
+def _read_moments(path: Path, width: int) -> dict[tuple[str, int], RunningMoments]:
+    table = runs_io.read_parquet_table(path)
+    means = _list_column(table, "mean", width)
+    m2s = _list_column(table, "m2", width)
+    pos = _list_column(table, "pos_frac_sum", width)
+    assert means is not None and m2s is not None
+    moments = {}
+    for row, (pole, layer, n) in enumerate(
+        zip(
+            table.column("pole").to_pylist(),
+            table.column("layer").to_pylist(),
+            table.column("n").to_pylist(),
+            strict=True,
+        )
+    ):
+        moments[pole, int(layer)] = RunningMoments.from_dict(
+            {"n": n, "mean": means[row], "m2": m2s[row], "pos_frac_sum": None if pos is None else pos[row]}
+        )
+    return moments
+
+
+def _shard_table(
+    samples: pd.DataFrame, layers: Sequence[int], acts16: np.ndarray, pos16: np.ndarray | None,
+    responses: Sequence[str] | None,
+) -> pa.Table:
+    """Rows (sample, layer), sample-major. ``acts16`` is [layers, samples, width] float16."""
+    num_layers, num_samples, width = acts16.shape
+    flat = np.ascontiguousarray(acts16.transpose(1, 0, 2)).reshape(-1)  # [samples * layers * width]
+    columns: dict[str, pa.Array] = {
+        "sample_id": pa.array(np.repeat(samples["sample_id"].to_numpy(np.int64), num_layers)),
+        "pair_id": pa.array(np.repeat(samples["pair_id"].to_numpy(np.int64), num_layers)),
+        "pole": pa.array(np.repeat(samples["pole"].to_numpy(dtype=object), num_layers), pa.string()),
+        "layer": pa.array(np.tile(np.asarray(layers, dtype=np.int16), num_samples)),
+        "acts": pa.FixedSizeListArray.from_arrays(pa.array(flat), width),
+    }
+    if pos16 is not None:
+        pos_flat = np.ascontiguousarray(pos16.transpose(1, 0, 2)).reshape(-1)
+        columns["pos_frac"] = pa.FixedSizeListArray.from_arrays(pa.array(pos_flat), width)
+    if responses is not None:
+        columns["response"] = pa.array(np.repeat(np.asarray(responses, dtype=object), num_layers), pa.string())
+    return pa.table(columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def _shard_assignment(encoded: Sequence[_Encoded], shard_size: int) -> list[np.ndarray]:
+    """Sample indices per shard: shards take the samples in order of prompt length (longest
+    first, ties by sample id), so the batches inside a shard are nearly free of padding, and
+    hold them in sample order. Deterministic, so a resumed run rebuilds the same shards."""
+    lengths = np.fromiter((len(e.ids) for e in encoded), dtype=np.int64, count=len(encoded))
+    order = np.lexsort((np.arange(len(encoded)), -lengths))
+    return [np.sort(order[i : i + shard_size]) for i in range(0, len(order), shard_size)]
+
+
+@dataclass
+class _StageContext:
+    model: nn.Module
+    tokenizer: Any
+    recorder: _SiteRecorder
+    samples: pd.DataFrame
+    prompts: list[str]
+    encoded: list[_Encoded]  # the prompts' ids (response-mean adds the responses per shard)
+    layers: list[int]
+    width: int
+    batch_size: int
+    max_new_tokens: int
+    pad_id: int
+    device: torch.device
+    directory: Path
+    key_digest: str
+
+
+def _capture_shard(ctx: _StageContext, shard: int, rows: np.ndarray, bar: _Progress) -> Callable[[], None]:
+    """Capture the samples ``rows`` [shard samples] as shard ``shard``; return the function that
+    writes its statistics partial, then its activations (run it on the writer thread)."""
+    shard_samples = ctx.samples.iloc[rows]
+    policy = ctx.recorder.policy
+    responses: list[str] | None = None
+    if policy == "response-mean":
+        shard_prompts = [ctx.prompts[i] for i in rows]
+        responses = generate_responses(
+            ctx.model, ctx.tokenizer, shard_prompts, ctx.max_new_tokens, ctx.batch_size, progress=False
+        )
+        encoded = _encode(ctx.tokenizer, shard_prompts, responses, policy)
+    else:
+        encoded = [ctx.encoded[i] for i in rows]
+    acts16 = np.empty((len(ctx.layers), len(rows), ctx.width), dtype=np.float16)  # [layers, samples, width]
+    pos16 = np.empty_like(acts16) if ctx.recorder.track_positive else None
+    moments = {(pole, layer): RunningMoments(ctx.width) for pole in POLES for layer in ctx.layers}
+    is_high = shard_samples["pole"].to_numpy() == "high"
+    tokens = 0
+    for result in _run_batches(ctx.recorder, ctx.model, encoded, ctx.batch_size, ctx.pad_id, ctx.device):
+        high = torch.from_numpy(is_high[result.positions]).to(result.acts.device)
+        for slot, layer in enumerate(ctx.layers):
+            acts = result.acts[slot]  # [batch, width] float32: statistics before float16 rounding
+            fractions = None if result.positive_fraction is None else result.positive_fraction[slot]
+            for pole, pole_rows in (("high", high), ("low", ~high)):
+                if bool(pole_rows.any()):
+                    moments[pole, layer].update(acts[pole_rows], None if fractions is None else fractions[pole_rows])
+        acts16[:, result.positions] = result.acts.to(torch.float16).cpu().numpy()
+        if pos16 is not None and result.positive_fraction is not None:
+            pos16[:, result.positions] = result.positive_fraction.to(torch.float16).cpu().numpy()
+        tokens += result.num_tokens
+        bar.advance(len(result.positions), result.num_tokens)
+
+    meta = {
+        "kind": "activations-shard",
+        "shard": shard,
+        "num_samples": len(rows),
+        "sample_ids": shard_samples["sample_id"].astype(int).tolist(),
+        "key_digest": ctx.key_digest,
+        "num_tokens": tokens,
+        "layers": ctx.layers,
+        "width": ctx.width,
+    }
+
+    def write() -> None:
+        # The partial first: a shard file on disk then always has its statistics next to it.
+        runs_io.write_parquet(
+            _stats_shard_path(ctx.directory, shard),
+            _moments_table(moments, ctx.layers, ctx.width),
+            metadata={**meta, "kind": "stats-shard"},
+        )
+        runs_io.write_parquet(
+            _shard_path(ctx.directory, shard),
+            _shard_table(shard_samples, ctx.layers, acts16, pos16, responses),
+            metadata=meta,
+        )
+
+    return write
+
+
+def _model_dtype(model: nn.Module) -> str:
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
+def collect_concept(
+    run: runs_io.Run,
+    loaded: Any,
+    concept: str,
+    *,
+    pairs: pd.DataFrame,
+    site: str = "mlp",
+    policy: str = "last",
+    layers: Sequence[int] | None = None,
+    batch_size: int | str = "auto",
+    shard_size: int = 256,
+    overwrite: bool = False,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> CaptureSummary:
+    """Capture ``concept``'s pairs into ``capture_dir(run, concept, site, policy)``, continuing
+    a capture that was interrupted.
+
+    Writes ``manifest.json``, ``pairs.parquet``, per shard ``stats-shard-NNNNN.parquet`` (the
+    shard's float64 moments per (pole, layer)) and ``shard-NNNNN.parquet`` (float16
+    activations, one row per (sample, layer)), and finally ``stats.parquet``: the shard
+    partials merged in shard order, so a resumed capture's statistics equal a clean one's bit
+    for bit. A shard holds ``shard_size`` samples of similar prompt length (see
+    :func:`_shard_assignment`); ``load_activations`` returns them in sample order.
+    """
+    start = time.perf_counter()
+    check_site(site)
+    check_policy(policy)
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, not {shard_size}.")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    arch = architecture(model)
+    layer_list = _normalize_layers(layers, arch.num_layers)
+    width = arch.width(site)
+    arch.module_for(site, layer_list[0])  # fail now, not after writing a manifest, if the site is missing
+    fingerprint = loaded.fingerprint
+    if not fingerprint:
+        from dpnle.models import model_fingerprint
+
+        fingerprint = model_fingerprint(model, tokenizer, loaded.model_id)
+    samples = to_samples(pairs)
+    if samples.empty:
+        raise ValueError(f"The pair set for {concept!r} is empty; make pairs with `dpnle data pairs` first.")
+    directory = capture_dir(run, concept, site, policy)
+    digest_of_pairs = pairs_digest(pairs)
+    key: dict[str, Any] = {
+        "model": fingerprint.get("digest"),
+        "pairs": digest_of_pairs,
+        "site": site,
+        "policy": policy,
+        "layers": layer_list,
+        "shard_size": shard_size,
+    }
+    if policy == "response-mean":
+        key["max_new_tokens"] = max_new_tokens
+    key_digest = _key_digest(key)
+    manifest: dict[str, Any] = {
+        "kind": "activations",
+        "concept": concept,
+        "site": site,
+        "policy": policy,
+        "layers": layer_list,
+        "width": width,
+        "model": {"id": loaded.model_id, "fingerprint": fingerprint},
+        "pairs": {
+            "digest": digest_of_pairs,
+            "num_pairs": int(len(pairs)),
+            "recipe": str(pairs["recipe"].iloc[0]) if "recipe" in pairs else None,
+        },
+        "dtype": _model_dtype(model),
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "shard_order": "by prompt length, longest first; samples in sample order within a shard",
+        "num_samples": int(len(samples)),
+        "max_new_tokens": max_new_tokens if policy == "response-mean" else None,
+        "key": key,
+        "key_digest": key_digest,
+        "versions": runs_io.software_versions(),
+        "created": runs_io.now(),
+        "status": "running",
+    }
+
+    manifest_path = directory / MANIFEST_FILE
+    if overwrite and directory.exists():
+        shutil.rmtree(directory)
+    if manifest_path.exists():
+        existing = runs_io.read_json(manifest_path)
+        _check_key(directory, existing, key, manifest)
+        manifest["created"] = existing.get("created", manifest["created"])
+    elif directory.exists() and any(directory.glob("*shard-*.parquet")):
+        raise runs_io.ArtifactError(
+            f"{directory} holds shards but no {MANIFEST_FILE}, so they cannot be checked against this capture. "
+            "Pass --overwrite to discard them and start over."
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_temp_files(directory)
+    runs_io.write_json(manifest_path, manifest)
+    if not (directory / PAIRS_FILE).exists():
+        runs_io.write_parquet(directory / PAIRS_FILE, pairs, metadata={"kind": "pairs", "digest": digest_of_pairs})
+
+    prompts = [
+        render_prompt(tokenizer, message, prefix)
+        for message, prefix in zip(samples["message"], samples["response_prefix"], strict=True)
+    ]
+    encoded = _encode(tokenizer, prompts)
+    shards = _shard_assignment(encoded, shard_size)
+    complete = {s for s in range(len(shards)) if _shard_is_complete(directory, s, key_digest)}
+    todo = [s for s in range(len(shards)) if s not in complete]
+    resumed_from = sum(len(shards[s]) for s in complete)
+    stage_params = {"site": site, "policy": policy, "layers": layer_list, "path": str(directory)}
+    run.record_stage("collect", concept, "running", **stage_params)
+
+    try:
+        if todo:
+            device = _model_device(model)
+            pad_id = _pad_id(tokenizer)
+            with _SiteRecorder(arch, site, policy, layer_list) as recorder:
+                probe_set = [encoded[i] for s in todo for i in shards[s]]
+                extra = max_new_tokens if policy == "response-mean" else 0
+                size = _resolve_batch_size(batch_size, recorder, model, probe_set, pad_id, device, extra_tokens=extra)
+                manifest["batch_size"] = size
+                runs_io.write_json(manifest_path, manifest)
+                ctx = _StageContext(
+                    model=model, tokenizer=tokenizer, recorder=recorder, samples=samples, prompts=prompts,
+                    encoded=encoded, layers=layer_list, width=width, batch_size=size,
+                    max_new_tokens=max_new_tokens, pad_id=pad_id, device=device, directory=directory,
+                    key_digest=key_digest,
+                )
+                # Compressing and writing a shard takes the CPU a while: a writer thread does it
+                # while the device captures the next shard. At most one write is pending, so host
+                # memory holds two shards at most; leaving the block waits for the last write.
+                pending: Future[None] | None = None
+                with (
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpnle-shard-writer") as writer,
+                    _Progress(len(samples), f"{concept} {site}/{policy}", progress) as bar,
+                ):
+                    bar.skip(resumed_from)
+                    for shard in todo:
+                        write = _capture_shard(ctx, shard, shards[shard], bar)
+                        if pending is not None:
+                            pending.result()
+                        pending = writer.submit(write)
+                    if pending is not None:
+                        pending.result()
+        num_tokens = 0
+        total = {(pole, layer): RunningMoments(width) for pole in POLES for layer in layer_list}
+        # Shard order, always: the same partials merged in the same order give the same bits.
+        for shard in range(len(shards)):
+            num_tokens += int(runs_io.parquet_metadata(_shard_path(directory, shard)).get("num_tokens", 0))
+            for cell, partial in _read_moments(_stats_shard_path(directory, shard), width).items():
+                total[cell].merge(partial)
+        runs_io.write_parquet(
+            directory / STATS_FILE,
+            _moments_table(total, layer_list, width),
+            metadata={"kind": "stats", "concept": concept, "key_digest": key_digest, "num_shards": len(shards)},
+        )
+        manifest.update(status="done", finished=runs_io.now(), num_tokens=num_tokens)
+        runs_io.write_json(manifest_path, manifest)
+    except BaseException as exc:
+        run.record_stage("collect", concept, "failed", error=f"{type(exc).__name__}: {exc}", **stage_params)
+        raise
+    seconds = time.perf_counter() - start
+    run.record_stage(
+        "collect", concept, "done", num_samples=int(len(samples)), num_tokens=num_tokens,
+        seconds=round(seconds, 3), resumed_from=resumed_from, **stage_params,
+    )
+    return CaptureSummary(concept, site, policy, int(len(samples)), num_tokens, seconds, directory, resumed_from)
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+
+
+def load_stats(run: runs_io.Run, concept: str, site: str = "mlp", policy: str = "last") -> LayerStats:
+    """The merged statistics of a capture: means, unbiased variances and counts per pole."""
+    directory = capture_dir(run, concept, site, policy)
+    path = directory / STATS_FILE
+    if not path.exists():
+        raise runs_io.ArtifactError(
+            f"No activation statistics for {concept!r} ({site}/{policy}) in run {run.name}: {path} is missing. "
+            f"Run `{_collect_command(run, concept, site, policy)}` first."
+        )
+    manifest = runs_io.read_json(directory / MANIFEST_FILE)
+    width = int(manifest["width"])
+    moments = _read_moments(path, width)
+    layers = sorted({layer for _, layer in moments})
+
+    def stack(pole: str, value: Any) -> np.ndarray:
+        return np.stack([value(moments[pole, layer]) for layer in layers])
+
+    pos_high = pos_low = None
+    if moments["high", layers[0]].positive_fraction_sum is not None:
+        pos_high = stack("high", lambda m: m.positive_fraction)
+        pos_low = stack("low", lambda m: m.positive_fraction)
+    return LayerStats(
+        concept=concept,
+        site=site,
+        policy=policy,
+        layers=layers,
+        n_high=np.array([moments["high", layer].n for layer in layers], dtype=np.int64),
+        n_low=np.array([moments["low", layer].n for layer in layers], dtype=np.int64),
+        mean_high=stack("high", lambda m: m.mean),
+        mean_low=stack("low", lambda m: m.mean),
+        var_high=stack("high", lambda m: m.variance(ddof=1)),
+        var_low=stack("low", lambda m: m.variance(ddof=1)),
+        pos_frac_high=pos_high,
+        pos_frac_low=pos_low,
+        meta=manifest,
+    )
+
+
+def load_activations(
+    run: runs_io.Run,
+    concept: str,
+    site: str = "mlp",
+    policy: str = "last",
+    layers: Sequence[int] | None = None,
+) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
+    """The stored per-sample activations: a samples table (sample_id, pair_id, pole) sorted by
+    sample_id, and per layer a [n_samples, width] float32 array (from the float16 shards)."""
+    directory = capture_dir(run, concept, site, policy)
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.exists():
+        raise runs_io.ArtifactError(
+            f"No activations for {concept!r} ({site}/{policy}) in run {run.name}: {directory} holds no capture. "
+            f"Run `{_collect_command(run, concept, site, policy)}` first."
+        )
+    manifest = runs_io.read_json(manifest_path)
+    if manifest.get("status") != "done":
+        raise runs_io.ArtifactError(
+            f"The capture in {directory} is incomplete (status {manifest.get('status')!r}). "
+            f"Run `{_collect_command(run, concept, site, policy)}` again to finish it."
+        )
+    width = int(manifest["width"])
+    captured = list(manifest["layers"])
+    num_layers = manifest.get("model", {}).get("fingerprint", {}).get("num_layers") or max(captured) + 1
+    wanted = captured if layers is None else _normalize_layers(layers, int(num_layers))
+    missing = sorted(set(wanted) - set(captured))
+    if missing:
+        raise runs_io.ArtifactError(
+            f"Layers {missing} were not captured for {concept!r} ({site}/{policy}); captured: {captured}."
+        )
+    num_shards = -(-int(manifest["num_samples"]) // int(manifest["shard_size"]))
+    columns = ["sample_id", "pair_id", "pole", "layer", "acts"]
+    table = pa.concat_tables(
+        # Keep only the wanted layers before anything is converted.
+        runs_io.read_parquet_table(_shard_path(directory, s), columns=columns).filter(
+            pc.is_in(pc.field("layer"), pa.array(wanted, pa.int16()))
+        )
+        for s in range(num_shards)
+    )
+    layer_col = table.column("layer").to_numpy()
+    sample_ids = table.column("sample_id").to_numpy()
+    acts = table.column("acts").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    first = layer_col == wanted[0]
+    order = np.argsort(sample_ids[first], kind="stable")
+    samples = pd.DataFrame(
+        {
+            "sample_id": sample_ids[first][order],
+            "pair_id": table.column("pair_id").to_numpy()[first][order],
+            "pole": np.asarray(table.column("pole").to_pylist(), dtype=object)[first][order],
+        }
+    )
+    per_layer: dict[int, np.ndarray] = {}
+    for layer in wanted:
+        rows = layer_col == layer
+        layer_order = np.argsort(sample_ids[rows], kind="stable")
+        if not np.array_equal(sample_ids[rows][layer_order], samples["sample_id"].to_numpy()):
+            raise runs_io.ArtifactError(
+                f"The shards in {directory} do not hold layer {layer} for every sample; they are damaged. "
+                f"Re-run `{_collect_command(run, concept, site, policy)} --overwrite`."
+            )
+        per_layer[layer] = acts[rows][layer_order].astype(np.float32)
+    return samples, per_layer

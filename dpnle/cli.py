@@ -238,6 +238,10 @@ def _print_overlap(overlap) -> None:
 # stages 3 and 4
 
 
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 @app.command("edit-eval")
 def edit_eval(
     trait: TraitOpt = None,
@@ -245,10 +249,76 @@ def edit_eval(
     all_traits: AllTraitsOpt = False,
     all_values: AllValuesOpt = False,
     run: RunOpt = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Pick the latest run of this model.")] = None,
+    methods: Annotated[str, typer.Option(help="Comma list of: dpnle, dpnle-w, npti, caa, random (size-matched "
+                                              "random neurons, the control), prompt (persona in the prompt), "
+                                              "none.")] = "dpnle,random,prompt,none",
+    directions: Annotated[str, typer.Option(help="Comma list of up (raise the concept) and down.")] = "up,down",
+    gammas: Annotated[str, typer.Option(help="Comma list of edit strengths (DPN-LE: 1.0; 0.8 for capability).")] = "1",
+    benchmarks: Annotated[str, typer.Option(help="Comma list of: ipip120, ipip300-test, ipip300, pvq40, gsm8k, "
+                                                 "mmlu, arc, hellaswag, truthfulqa, hotpotqa, neutral (KL and "
+                                                 "perplexity on neutral text), personalitybench.")] = "ipip120,neutral",
+    scorers: Annotated[str, typer.Option(help="Questionnaire scorers: likert, statement, yesno.")] = "likert,statement",
+    limit: Annotated[int | None, typer.Option(help="Questionnaire items per trait/value (default: all).")] = None,
+    capability_limit: Annotated[int | None, typer.Option(help="Items per capability benchmark (seeded subset).")] = 100,
+    open_ended_limit: Annotated[int | None, typer.Option(help="PersonalityBench test questions per trait.")] = 20,
+    judge: Annotated[str, typer.Option(help="Open-ended rater: openai:BASE_URL#MODEL, hf:MODEL or none.")] = "none",
+    positions: Annotated[str, typer.Option(help="Where the edit applies: all, prompt or generated (a generated-only "
+                                                "edit never touches a log-likelihood score).")] = "all",
+    mode: Annotated[str, typer.Option(help="both (HIGH and LOW sets together) or directional (HIGH to raise, "
+                                           "LOW to lower).")] = "both",
+    seed: Annotated[int, typer.Option(help="Seed of subsets, masks and random controls.")] = 0,
+    random_draws: Annotated[int, typer.Option(help="Independent random-neuron controls per setting.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "auto",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, mps (default: the best available).")] = None,
+    device_map: Annotated[str | None, typer.Option(help="accelerate device_map, e.g. auto.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Stage 3: steer each concept with its neurons and measure the trait, the other traits and capability."""
-    _not_available("edit-eval")
+    """Stage 3: steer each concept with its neurons and measure the trait, the other traits and capability.
+
+    Every condition's rows are saved as soon as it finishes; a re-run computes only what is missing."""
+    from dpnle import evaluate as ev
+
+    target = _open_run(run, model)
+    concepts = _concepts(trait, value, all_traits, all_values)
+    eval_config = ev.EvalConfig(
+        methods=_csv(methods), directions=_csv(directions), gammas=[float(g) for g in _csv(gammas)],
+        benchmarks=_csv(benchmarks), scorers=_csv(scorers), limit=limit, capability_limit=capability_limit,
+        open_ended_limit=open_ended_limit, judge=judge, positions=positions, mode=mode, seed=seed,
+        random_draws=random_draws, batch_size=batch_size,
+    )
+    loaded = _load_run_model(target, dtype=dtype, device=device, device_map=device_map)
+    for concept in concepts:
+        result = ev.evaluate_concept(target, loaded, concept.name, eval_config, log=lambda m: console.print(m))
+        console.print(f"[green]{concept.name}[/]: {len(result.computed)} condition(s) computed, "
+                      f"{len(result.reused)} reused, {result.seconds:.0f} s")
+    summary = ev.summarize(ev.load_eval(target), ev.load_validity(target))
+    table = ev.paper_table(summary)
+    markdown = ev.to_markdown(table)
+    from dpnle.runs import write_parquet
+
+    write_parquet(target.eval_dir / "paper_table.parquet", table, metadata={"kind": "paper-table"})
+    (target.eval_dir / "summary.md").write_text(markdown)
+    console.print(markdown, highlight=False)
+
+
+def _load_run_model(run, dtype: str, device: str | None, device_map: str | None):
+    """Load the model a run was made with, and refuse one whose weights differ."""
+    from dpnle.models import load_model
+    from dpnle.runs import ArtifactError
+
+    recorded = run.manifest().get("model", {})
+    if not recorded.get("id"):
+        raise ArtifactError(f"{run.manifest_path} names no model; run `dpnle collect-activations` first.")
+    loaded = load_model(recorded["id"], dtype=dtype, device=device, device_map=device_map)
+    expected = recorded.get("fingerprint", {}).get("digest")
+    if expected and loaded.fingerprint.get("digest") != expected:
+        raise ArtifactError(
+            f"The model now loaded as {recorded['id']!r} (digest {loaded.fingerprint.get('digest')}) is not the one "
+            f"run {run.name} was made with (digest {expected}). Restore that model, or start a new run."
+        )
+    return loaded
 
 
 @app.command("leakage-report")

@@ -1,0 +1,476 @@
+"""Stage 3 (edit-eval): steer each concept, measure every trait or value, and measure the cost.
+
+A *condition* is one (method, direction, gamma) — plus a seed for the random control. For each
+condition the stage scores, with the edit applied:
+
+- the questionnaires (judge-free, one forward pass per item) with each scorer — every dimension
+  of the instrument, not only the target, because leakage needs the off-target scores;
+- capability benchmarks (``gsm8k``, ``mmlu``, ``arc``, ``hellaswag``, ``truthfulqa``,
+  ``hotpotqa``) and ``neutral``: KL divergence from the unedited model and perplexity on a
+  fixed neutral text set, which stay informative where a small model sits at chance;
+- ``personalitybench``: open-ended answers to the trait's test questions, rated by a judge.
+
+Before any condition, each (instrument, scorer) gets a validity check on this model (does it
+separate high- from low-persona prompts, without collapsing into acquiescence?). Its verdict
+travels with every number computed from that instrument.
+
+Layout: ``eval/validity/<instrument>-<scorer>.parquet``, ``eval/<concept>/<condition>.parquet``
+(one row per item; a finished condition is never recomputed unless its settings change), and
+``eval/<concept>/summary.parquet`` (target-dimension effects against no edit, paired by item).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from dpnle.concepts import TRAITS, VALUES, get_concept
+from dpnle.runs import ArtifactError, Run, parquet_metadata, read_parquet, write_parquet
+
+METHODS = ("dpnle", "dpnle-w", "npti", "caa", "random", "prompt", "none")
+DIRECTIONS = ("up", "down")
+QUESTIONNAIRES = ("ipip120", "ipip300-test", "ipip300", "pvq40")
+SCORERS = ("likert", "statement", "yesno")
+CAPABILITY = ("gsm8k", "mmlu", "arc", "hellaswag", "truthfulqa", "hotpotqa")
+NEUTRAL = "neutral"
+OPEN_ENDED = "personalitybench"
+BENCHMARKS = QUESTIONNAIRES + CAPABILITY + (NEUTRAL, OPEN_ENDED)
+
+ROW_COLUMNS = [
+    "concept", "condition", "method", "direction", "gamma", "seed", "benchmark", "scorer",
+    "item_id", "dimension", "key", "prompt", "output", "raw", "score", "chance",
+]
+
+
+class EvalError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Condition:
+    method: str
+    direction: str = "-"
+    gamma: float = 0.0
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        if self.method == "none":
+            return "none"
+        if self.method == "prompt":
+            return f"prompt-{self.direction}"
+        tail = f"-s{self.seed}" if self.method == "random" else ""
+        return f"{self.method}-{self.direction}-g{self.gamma:g}{tail}"
+
+
+@dataclass
+class EvalConfig:
+    methods: Sequence[str] = ("dpnle", "random", "prompt", "none")
+    directions: Sequence[str] = DIRECTIONS
+    gammas: Sequence[float] = (1.0,)
+    benchmarks: Sequence[str] = ("ipip120", NEUTRAL)
+    scorers: Sequence[str] = ("likert", "statement")
+    limit: int | None = None  # questionnaire items per dimension
+    capability_limit: int | None = 100  # items per capability benchmark
+    open_ended_limit: int | None = 20  # PersonalityBench questions per trait
+    judge: str = "none"
+    positions: str = "all"
+    mode: str = "both"
+    seed: int = 0
+    random_draws: int = 2
+    batch_size: int = 16
+    validity_personas: int = 4
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            if method not in METHODS:
+                raise EvalError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
+        for direction in self.directions:
+            if direction not in DIRECTIONS:
+                raise EvalError(f"Unknown direction {direction!r}; choose up and/or down.")
+        for gamma in self.gammas:
+            if not math.isfinite(float(gamma)):
+                raise EvalError(f"gamma must be a finite number, not {gamma!r}.")
+        for bench in self.benchmarks:
+            if bench not in BENCHMARKS:
+                raise EvalError(f"Unknown benchmark {bench!r}; choose from {', '.join(BENCHMARKS)}.")
+        for scorer in self.scorers:
+            if scorer not in SCORERS:
+                raise EvalError(f"Unknown scorer {scorer!r}; choose from {', '.join(SCORERS)}.")
+        if self.random_draws < 1:
+            raise EvalError("random_draws must be at least 1.")
+
+    @property
+    def questionnaires(self) -> list[str]:
+        return [b for b in self.benchmarks if b in QUESTIONNAIRES]
+
+    def condition_settings(self) -> dict[str, Any]:
+        """What a stored condition must match to be reused (everything that changes its rows)."""
+        keys = ("benchmarks", "scorers", "limit", "capability_limit", "open_ended_limit", "judge",
+                "positions", "mode", "seed")
+        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(self).items() if k in keys}
+
+
+def conditions(config: EvalConfig) -> list[Condition]:
+    out: list[Condition] = []
+    for method in config.methods:
+        if method == "none":
+            out.append(Condition("none"))
+        elif method == "prompt":
+            out.extend(Condition("prompt", d) for d in config.directions)
+        else:
+            draws = range(config.random_draws) if method == "random" else [config.seed]
+            for d in config.directions:
+                for g in config.gammas:
+                    for s in draws:
+                        out.append(Condition(method, d, float(g), int(s)))
+    return out
+
+
+def instrument_concepts(instrument: str) -> tuple[str, ...]:
+    return VALUES if instrument == "pvq40" else TRAITS
+
+
+def instruments_for(concept: str, config: EvalConfig) -> list[str]:
+    """The questionnaires that measure ``concept``'s kind (IPIP for traits, PVQ for values)."""
+    kind = get_concept(concept).kind
+    return [q for q in config.questionnaires if (q == "pvq40") == (kind == "value")]
+
+
+def _settings_digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# validity
+
+
+def validity_path(run: Run, instrument: str, scorer: str) -> Path:
+    return run.eval_dir / "validity" / f"{instrument}-{scorer}.parquet"
+
+
+def ensure_validity(run: Run, loaded, instrument: str, scorer: str, config: EvalConfig,
+                    log: Callable[[str], None] = print) -> pd.DataFrame:
+    """The validity table of (instrument, scorer) for this run's model: computed once, then read."""
+    from dpnle.instruments import validity_check
+
+    path = validity_path(run, instrument, scorer)
+    settings = {"limit": config.limit, "n_personas": config.validity_personas,
+                "model": loaded.fingerprint.get("digest")}
+    if path.exists() and parquet_metadata(path).get("settings") == settings:
+        return read_parquet(path)
+    log(f"validity check: {instrument} / {scorer} on {len(instrument_concepts(instrument))} concepts")
+    table = validity_check(
+        loaded.model, loaded.tokenizer, instrument, scorer, list(instrument_concepts(instrument)),
+        n_personas=config.validity_personas, batch_size=config.batch_size, limit=config.limit,
+    )
+    write_parquet(path, table, metadata={"kind": "validity", "instrument": instrument, "scorer": scorer,
+                                         "settings": settings, "model": loaded.fingerprint})
+    return table
+
+
+def load_validity(run: Run) -> pd.DataFrame:
+    folder = run.eval_dir / "validity"
+    frames = []
+    for path in sorted(folder.glob("*.parquet")) if folder.exists() else []:
+        meta = parquet_metadata(path)
+        frame = read_parquet(path)
+        for position, column in enumerate(("instrument", "scorer")):
+            if column not in frame:
+                frame.insert(position, column, meta.get(column))
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# ---------------------------------------------------------------------------------------------
+# one condition
+
+
+def condition_path(run: Run, concept: str, condition: Condition) -> Path:
+    return run.eval_dir / concept / f"{condition.key}.parquet"
+
+
+def _persona(concept: str, direction: str) -> str:
+    """The persona description of the ``prompt`` method: the first high (or low) description."""
+    from dpnle.instruments import default_personas
+
+    high, low = default_personas([concept])[concept]
+    return high[0] if direction == "up" else low[0]
+
+
+def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, config: EvalConfig) -> pd.DataFrame:
+    """Score every requested benchmark under one condition; one row per item."""
+    from dpnle import capability
+    from dpnle.edits import build_edit
+    from dpnle.instruments import score_items
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    edit = None
+    if condition.method not in ("none", "prompt"):
+        edit = build_edit(run, concept, condition.method, direction=condition.direction, gamma=condition.gamma,
+                          mode=config.mode, positions=config.positions, seed=condition.seed)
+    persona = _persona(concept, condition.direction) if condition.method == "prompt" else None
+    frames: list[pd.DataFrame] = []
+    for instrument in instruments_for(concept, config):
+        for scorer in config.scorers:
+            items = score_items(model, tokenizer, instrument, scorer, persona=persona, edit=edit,
+                                batch_size=config.batch_size, limit=config.limit)
+            frames.append(pd.DataFrame({
+                "benchmark": instrument, "scorer": scorer, "item_id": items["item_id"],
+                "dimension": items["dimension"], "key": items["key"].astype(float), "prompt": "",
+                "output": "", "raw": items["raw"], "score": items["score"], "chance": np.nan,
+            }))
+    for bench in config.benchmarks:
+        if bench in CAPABILITY:
+            rows = capability.run_benchmark(model, tokenizer, bench, edit=edit, limit=config.capability_limit,
+                                            seed=config.seed, batch_size=config.batch_size)
+            frames.append(pd.DataFrame({
+                "benchmark": bench, "scorer": rows["metric"], "item_id": rows["item_id"].astype(str),
+                "dimension": "", "key": np.nan, "prompt": rows["prompt"], "output": rows["output"].astype(str),
+                "raw": rows["score"].astype(float), "score": rows["score"].astype(float),
+                "chance": rows["chance"].astype(float),
+            }))
+        elif bench == NEUTRAL:
+            measures = capability.kl_and_perplexity(model, tokenizer, edit=edit, batch_size=config.batch_size)
+            frames.append(pd.DataFrame({
+                "benchmark": NEUTRAL, "scorer": ["kl", "perplexity", "perplexity_unedited"],
+                "item_id": "all", "dimension": "", "key": np.nan, "prompt": "", "output": "",
+                "raw": [measures["kl"], measures["perplexity"], measures["perplexity_unedited"]],
+                "score": [measures["kl"], measures["perplexity"], measures["perplexity_unedited"]],
+                "chance": np.nan,
+            }))
+        elif bench == OPEN_ENDED and get_concept(concept).kind == "trait":
+            frames.append(_open_ended(loaded, concept, edit, persona, config, condition.key))
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ROW_COLUMNS[7:])
+    frame.insert(0, "concept", concept)
+    frame.insert(1, "condition", condition.key)
+    frame.insert(2, "method", condition.method)
+    frame.insert(3, "direction", condition.direction)
+    frame.insert(4, "gamma", float(condition.gamma))
+    frame.insert(5, "seed", int(condition.seed))
+    frame["num_neurons"] = int(edit.num_neurons) if edit is not None else 0
+    return frame[[*ROW_COLUMNS, "num_neurons"]]
+
+
+def _open_ended(loaded, concept: str, edit, persona: str | None, config: EvalConfig, key: str) -> pd.DataFrame:
+    from dpnle import datasets
+    from dpnle.judges import generate_answers, parse_judge
+
+    questions = datasets.load_pb_test(concept)
+    if config.open_ended_limit is not None:
+        questions = questions[: config.open_ended_limit]
+    answers = generate_answers(loaded.model, loaded.tokenizer, [q.text for q in questions], edit=edit,
+                               persona=persona, batch_size=config.batch_size)
+    judge = parse_judge(config.judge)
+    rows = []
+    for q, answer in zip(questions, answers, strict=True):
+        rating = judge.rate(concept, q.text, answer, condition=key)
+        for scorer, value in (("trait", rating.trait_score), ("fluency", rating.fluency)):
+            rows.append({"benchmark": OPEN_ENDED, "scorer": scorer, "item_id": q.id, "dimension": concept,
+                         "key": 1.0, "prompt": q.text, "output": answer, "raw": value, "score": value,
+                         "chance": np.nan})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+@dataclass
+class EvalResult:
+    concept: str
+    conditions: list[str]
+    computed: list[str]
+    reused: list[str]
+    summary: pd.DataFrame
+    seconds: float
+    paths: list[Path] = field(default_factory=list)
+
+
+def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
+                     log: Callable[[str], None] = print) -> EvalResult:
+    """Run every condition of ``config`` for ``concept`` (resuming finished ones), then summarize."""
+    start = time.perf_counter()
+    concept = get_concept(concept).name
+    for instrument in instruments_for(concept, config):
+        for scorer in config.scorers:
+            ensure_validity(run, loaded, instrument, scorer, config, log=log)
+    settings = config.condition_settings()
+    digest = _settings_digest({**settings, "model": loaded.fingerprint.get("digest")})
+    computed, reused, paths = [], [], []
+    for condition in conditions(config):
+        path = condition_path(run, concept, condition)
+        if path.exists():
+            with contextlib.suppress(ArtifactError):
+                if parquet_metadata(path).get("settings_digest") == digest:
+                    reused.append(condition.key)
+                    paths.append(path)
+                    continue
+        t0 = time.perf_counter()
+        frame = evaluate_condition(run, loaded, concept, condition, config)
+        write_parquet(path, frame, metadata={
+            "kind": "eval", "concept": concept, "condition": asdict(condition), "settings": settings,
+            "settings_digest": digest, "model": loaded.fingerprint, "seconds": time.perf_counter() - t0,
+        })
+        log(f"{concept}: {condition.key} done in {time.perf_counter() - t0:.1f} s")
+        computed.append(condition.key)
+        paths.append(path)
+    rows = load_eval(run, concept, [c.key for c in conditions(config)])
+    summary = summarize(rows, load_validity(run))
+    write_parquet(run.eval_dir / concept / "summary.parquet", summary,
+                  metadata={"kind": "eval-summary", "concept": concept, "settings": settings})
+    run.record_stage("edit-eval", concept, "done", conditions=[c.key for c in conditions(config)], **settings)
+    return EvalResult(concept, [c.key for c in conditions(config)], computed, reused, summary,
+                      time.perf_counter() - start, paths)
+
+
+def load_eval(run: Run, concept: str | None = None, keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """The per-item rows of a run's evaluations (of one concept, of some conditions)."""
+    folders = [run.eval_dir / concept] if concept else sorted(
+        p for p in run.eval_dir.iterdir() if p.is_dir() and p.name != "validity"
+    ) if run.eval_dir.exists() else []
+    frames = []
+    for folder in folders:
+        for path in sorted(folder.glob("*.parquet")):
+            if path.name == "summary.parquet" or (keys is not None and path.stem not in keys):
+                continue
+            frames.append(read_parquet(path))
+    if not frames:
+        raise ArtifactError(f"No evaluations in {run.eval_dir}; run `dpnle edit-eval --run {run.name} ...` first.")
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# summaries
+
+
+def paired_effect(edited: pd.Series, base: pd.Series) -> dict[str, float]:
+    """Mean item-wise difference edited - base with a 95% t interval and Cohen's d_z."""
+    joined = pd.concat([edited.rename("e"), base.rename("b")], axis=1, join="inner").dropna()
+    diff = (joined["e"] - joined["b"]).to_numpy(dtype=float)
+    n = len(diff)
+    if n == 0:
+        return {"delta": np.nan, "ci_low": np.nan, "ci_high": np.nan, "d_z": np.nan, "p": np.nan, "n_items": 0}
+    mean = float(diff.mean())
+    sd = float(diff.std(ddof=1)) if n > 1 else np.nan
+    if n > 1 and sd > 0:
+        half = float(sps.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+        p = float(sps.ttest_1samp(diff, 0.0).pvalue)
+        d_z = mean / sd
+    else:
+        half, p, d_z = np.nan, np.nan, np.nan
+    return {"delta": mean, "ci_low": mean - half, "ci_high": mean + half, "d_z": d_z, "p": p, "n_items": n}
+
+
+def summarize(rows: pd.DataFrame, validity: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per (concept, condition, benchmark, scorer, dimension): the mean score, and for every
+    edited condition its paired change against no edit with a 95% interval.
+
+    Questionnaire rows carry ``valid`` (the instrument passed its validity check for the
+    *target* concept on this model) and ``target`` (the dimension is the steered concept).
+    """
+    keyed = rows.assign(item=rows["item_id"].astype(str) + "|" + rows["dimension"].astype(str))
+    group_cols = ["concept", "benchmark", "scorer", "dimension"]
+    records = []
+    for group, part in keyed.groupby(group_cols, sort=False, dropna=False):
+        base = part[part["method"] == "none"].set_index("item")["score"]
+        for key, sub in part.groupby("condition", sort=False):
+            first = sub.iloc[0]
+            record = dict(zip(group_cols, group, strict=True))
+            record.update(
+                condition=key, method=first["method"], direction=first["direction"], gamma=first["gamma"],
+                seed=first["seed"], num_neurons=int(first.get("num_neurons", 0)),
+                mean=float(sub["score"].mean()), n=int(sub["score"].notna().sum()),
+                chance=float(sub["chance"].mean()) if sub["chance"].notna().any() else np.nan,
+            )
+            if key != "none" and len(base):
+                record.update(paired_effect(sub.set_index("item")["score"], base))
+            records.append(record)
+    summary = pd.DataFrame(records)
+    if summary.empty:
+        return summary
+    summary["target"] = summary["dimension"] == summary["concept"]
+    summary["valid"] = np.nan
+    if validity is not None and not validity.empty:
+        # 1.0 passed, 0.0 failed, NaN not checked (float, so the column stays numeric).
+        verdict = {(r.instrument, r.scorer, r.concept): float(bool(r.passed)) for r in validity.itertuples()}
+        mask = summary["benchmark"].isin(QUESTIONNAIRES)
+        summary.loc[mask, "valid"] = [
+            verdict.get((b, s, c), np.nan)
+            for b, s, c in summary.loc[mask, ["benchmark", "scorer", "concept"]].itertuples(index=False)
+        ]
+    return summary
+
+
+def paper_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The DPN-LE paper's layout, per concept and method: neurons edited, target score up and
+    down (change vs no edit, with 95% CI), and capability change vs no edit.
+
+    Questionnaire columns are one per (instrument, scorer); capability one per benchmark.
+    """
+    if summary.empty:
+        return summary
+    out = []
+    target = summary[summary["target"] & summary["benchmark"].isin(QUESTIONNAIRES)]
+    capability = summary[summary["benchmark"].isin(CAPABILITY + (NEUTRAL,))]
+    for (concept, method), part in summary.groupby(["concept", "method"], sort=False):
+        row: dict[str, Any] = {"concept": concept, "method": method,
+                               "neurons": int(part["num_neurons"].max())}
+        for (bench, scorer), sub in target[(target["concept"] == concept) & (target["method"] == method)].groupby(
+            ["benchmark", "scorer"], sort=False
+        ):
+            valid = sub["valid"].iloc[0]
+            tag = f"{bench}/{scorer}" + ("" if valid == 1.0 else " (invalid)" if valid == 0.0 else " (unchecked)")
+            for direction in ("up", "down"):
+                d = sub[sub["direction"] == direction]
+                if len(d):
+                    # Several gammas or random draws: report the first gamma's mean over draws.
+                    d = d[d["gamma"] == d["gamma"].iloc[0]]
+                    row[f"{tag} {direction}"] = _fmt_effect(d)
+            if method == "none":
+                row[f"{tag} score"] = f"{sub['mean'].iloc[0]:.3f}"
+        cap = capability[(capability["concept"] == concept) & (capability["method"] == method)]
+        for (bench, scorer), sub in cap.groupby(["benchmark", "scorer"], sort=False):
+            if bench == NEUTRAL and scorer == "perplexity_unedited":
+                continue
+            name = f"{bench}" if bench != NEUTRAL else f"neutral {scorer}"
+            if method == "none" or bench == NEUTRAL:
+                row[name] = " / ".join(f"{m:.3f}" for m in sub.groupby("direction", sort=False)["mean"].mean())
+            else:
+                row[f"{name} change"] = " / ".join(
+                    f"{v:+.3f}" for v in sub.groupby("direction", sort=False)["delta"].mean()
+                )
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _fmt_effect(part: pd.DataFrame) -> str:
+    if "delta" not in part or part["delta"].isna().all():
+        return f"{part['mean'].mean():.3f}"
+    if len(part) > 1:  # random draws: mean and range of the draws' changes
+        return f"{part['delta'].mean():+.3f} [{part['delta'].min():+.3f}..{part['delta'].max():+.3f}]"
+    r = part.iloc[0]
+    return f"{r['delta']:+.3f} ({r['ci_low']:+.3f},{r['ci_high']:+.3f})"
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency)."""
+    if frame.empty:
+        return "(no rows)\n"
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join("" if (isinstance(v, float) and math.isnan(v)) else str(v)
+                                       for v in row) + " |")
+    return "\n".join(lines) + "\n"

@@ -452,7 +452,12 @@ def paper_table(summary: pd.DataFrame) -> pd.DataFrame:
                     f"{v:+.3f}" for v in sub.groupby("direction", sort=False)["delta"].mean()
                 )
         out.append(row)
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    order = {m: i for i, m in enumerate(METHODS)}
+    concepts = {c: i for i, c in enumerate(dict.fromkeys(table["concept"]))}
+    table = table.iloc[sorted(range(len(table)), key=lambda i: (concepts[table["concept"].iloc[i]],
+                                                               order.get(table["method"].iloc[i], 99)))]
+    return table.reset_index(drop=True)
 
 
 def _fmt_effect(part: pd.DataFrame) -> str:

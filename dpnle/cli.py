@@ -321,6 +321,35 @@ def _load_run_model(run, dtype: str, device: str | None, device_map: str | None)
     return loaded
 
 
+@app.command("export")
+def export(
+    out: Annotated[Path, typer.Argument(help="Folder for the standalone checkpoint.")],
+    trait: Annotated[str | None, typer.Option("--trait", "-t", help="The Big Five trait to bake in.")] = None,
+    value: Annotated[str | None, typer.Option("--value", "-v", help="The Schwartz value to bake in.")] = None,
+    run: RunOpt = None,
+    method: Annotated[str, typer.Option(help="dpnle or dpnle-w.")] = "dpnle",
+    direction: Annotated[str, typer.Option(help="up (raise the concept) or down.")] = "up",
+    gamma: Annotated[float, typer.Option(help="Edit strength.")] = 1.0,
+    mode: Annotated[str, typer.Option(help="both or directional.")] = "both",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Bake a DPN-LE edit into the MLP output bias: a checkpoint any transformers-compatible server runs
+    at zero cost (the edit applies at every position)."""
+    from dpnle.edits import build_edit, export_checkpoint
+
+    names = [n for n in (trait, value) if n]
+    if len(names) != 1:
+        raise typer.BadParameter("Name exactly one concept: --trait openness or --value power.")
+    concept = _concepts([trait] if trait else None, [value] if value else None, False, False)[0]
+    target = _open_run(run, None)
+    edit = build_edit(target, concept.name, method, direction=direction, gamma=gamma, mode=mode, positions="all")
+    loaded = _load_run_model(target, dtype="float32", device="cpu", device_map=None)
+    path = export_checkpoint(loaded, loaded.tokenizer, edit, out, in_place=True, overwrite=overwrite)
+    console.print(f"[green]exported[/] {concept.name} {method} {direction} gamma={gamma} "
+                  f"({edit.num_neurons} neurons) -> {path}")
+
+
 @app.command("leakage-report")
 def leakage_report(run: RunOpt = None, config: ConfigOpt = None) -> None:
     """Stage 4: leakage of each edit into the concepts it was not aimed at; figures and report."""

@@ -1,0 +1,328 @@
+"""Judges: the OpenAI-compatible client against a real local HTTP server, the cache, the local
+expected-value judge, and answer generation."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import tiny_llama
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from dpnle import judges as jd
+from dpnle.datasets import Question
+
+# ---------------------------------------------------------------------------------------------
+# a real chat-completions server on 127.0.0.1
+
+
+class _Server:
+    """A ThreadingHTTPServer on an ephemeral port whose replies come from ``respond``:
+    (request number, parsed JSON body) -> (status, JSON payload)."""
+
+    def __init__(self, respond: Callable[[int, dict], tuple[int, dict]]) -> None:
+        self.respond = respond
+        self.requests: list[dict] = []
+        self.headers: list[dict[str, str]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, **body})
+                outer.headers.append(dict(self.headers))
+                status, payload = outer.respond(len(outer.requests), body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def _completion(text: str) -> dict:
+    return {
+        "id": "cmpl-test",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+    }
+
+
+def _rubric_reply(_n: int, body: dict) -> tuple[int, dict]:
+    prompt = body["messages"][0]["content"]
+    if "fluency" in prompt.lower():
+        return 200, _completion("Reads smoothly.\nRating: [[5]]")
+    return 200, _completion("Warm and outgoing throughout.\nRating: [[4]]")
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[int, dict], tuple[int, dict]]], _Server]]:
+    servers: list[_Server] = []
+
+    def start(respond: Callable[[int, dict], tuple[int, dict]]) -> _Server:
+        server = _Server(respond)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _judge(server: _Server, tmp_path, **options) -> jd.OpenAIJudge:
+    options.setdefault("backoff_s", 0.001)
+    options.setdefault("timeout_s", 5.0)
+    judge = jd.parse_judge(f"openai:{server.base_url}#test-model", cache_path=tmp_path / "cache.sqlite", **options)
+    assert isinstance(judge, jd.OpenAIJudge)
+    return judge
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible judge
+
+
+def test_openai_judge_rates_and_caches(serve, tmp_path, monkeypatch):
+    monkeypatch.delenv("DPNLE_JUDGE_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    server = serve(_rubric_reply)
+    judge = _judge(server, tmp_path)
+    rating = judge.rate("extraversion", "How was your weekend?", "I threw a party for thirty friends!", "up")
+    assert (rating.trait_score, rating.fluency) == (4.0, 5.0)
+    assert "[[4]]" in json.loads(rating.raw)["trait"]
+    assert len(server.requests) == 2
+    first = server.requests[0]
+    assert first["path"] == "/v1/chat/completions"
+    assert first["model"] == "test-model" and first["temperature"] == 0
+    assert "Extraversion" in first["messages"][0]["content"]
+    assert server.headers[0]["Authorization"] == "Bearer sk-test"
+
+    # Same key: served from the cache, no request; a new judge on the same file too.
+    again = judge.rate("extraversion", "How was your weekend?", "I threw a party for thirty friends!", "up")
+    assert again == rating and len(server.requests) == 2
+    judge.close()
+    reopened = _judge(server, tmp_path)
+    assert reopened.rate("extraversion", "How was your weekend?", "I threw a party for thirty friends!", "up") == rating
+    assert len(server.requests) == 2
+    # Another condition is another key.
+    reopened.rate("extraversion", "How was your weekend?", "I threw a party for thirty friends!", "down")
+    assert len(server.requests) == 4
+    reopened.close()
+
+
+def test_openai_judge_retries_after_a_server_error(serve, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("DPNLE_JUDGE_API_KEY", raising=False)
+
+    def flaky(n: int, body: dict) -> tuple[int, dict]:
+        if n == 1:
+            return 500, {"error": {"message": "overloaded"}}
+        return _rubric_reply(n, body)
+
+    server = serve(flaky)
+    judge = _judge(server, tmp_path)
+    rating = judge.rate("openness", "Q?", "A new idea!")
+    assert rating.trait_score == 4.0 and rating.fluency == 5.0
+    assert len(server.requests) == 3  # 500, then 200 for the trait prompt, then fluency
+    # A local server needs no key: no Authorization header is sent.
+    assert "Authorization" not in server.headers[0]
+    judge.close()
+
+
+def test_openai_judge_gives_up_after_bounded_retries(serve, tmp_path):
+    server = serve(lambda n, body: (503, {"error": "down"}))
+    judge = _judge(server, tmp_path, max_retries=2)
+    with pytest.raises(jd.JudgeError, match="3 attempts"):
+        judge.rate("openness", "Q?", "A.")
+    assert len(server.requests) == 3
+    judge.close()
+
+
+def test_openai_judge_does_not_retry_a_client_error(serve, tmp_path):
+    server = serve(lambda n, body: (401, {"error": "bad key"}))
+    judge = _judge(server, tmp_path)
+    with pytest.raises(jd.JudgeError, match="401"):
+        judge.rate("openness", "Q?", "A.")
+    assert len(server.requests) == 1
+    judge.close()
+
+
+def test_openai_judge_retries_a_refused_connection(tmp_path):
+    # A port with nothing listening: bounded retries, then a clear error.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    judge = jd.parse_judge(
+        f"openai:http://127.0.0.1:{port}/v1#m", cache_path=tmp_path, backoff_s=0.001, max_retries=1, timeout_s=2
+    )
+    with pytest.raises(jd.JudgeError, match="2 attempts"):
+        judge.rate("openness", "Q?", "A.")
+    assert judge.requests_sent == 2
+    judge.close()
+
+
+def test_unparseable_rating_is_nan(serve, tmp_path):
+    server = serve(lambda n, body: (200, _completion("I would rather not say.")))
+    judge = _judge(server, tmp_path)
+    rating = judge.rate("neuroticism", "Q?", "A.")
+    assert math.isnan(rating.trait_score) and math.isnan(rating.fluency)
+    # NaN survives the cache round trip.
+    assert math.isnan(judge.rate("neuroticism", "Q?", "A.").trait_score)
+    assert len(server.requests) == 2
+    judge.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Good.\nRating: [[3]]", 3.0),
+        ("[[2]] at first, but Rating: [[4]]", 4.0),
+        ("Rating: 5", 5.0),
+        ("Rating: [[9]]", float("nan")),
+        ("no score", float("nan")),
+    ],
+)
+def test_parse_rating(text, expected):
+    value = jd.parse_rating(text)
+    assert (math.isnan(value) and math.isnan(expected)) or value == expected
+
+
+@pytest.mark.parametrize(
+    ("base", "url"),
+    [
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1/chat/completions"),
+        ("http://127.0.0.1:8000/v1/", "http://127.0.0.1:8000/v1/chat/completions"),
+        ("http://127.0.0.1:8000", "http://127.0.0.1:8000/v1/chat/completions"),
+        ("https://api.example.com/v1/chat/completions", "https://api.example.com/v1/chat/completions"),
+    ],
+)
+def test_chat_completions_url(base, url):
+    assert jd.chat_completions_url(base) == url
+
+
+def test_parse_judge_specs(tmp_path):
+    none = jd.parse_judge("none")
+    assert isinstance(none, jd.NoJudge) and not none.enabled
+    assert math.isnan(none.rate("openness", "q", "a").trait_score)
+    judge = jd.parse_judge("openai:https://api.openai.com/v1#gpt-4o", cache_path=tmp_path)
+    assert isinstance(judge, jd.OpenAIJudge) and judge.model == "gpt-4o"
+    assert judge.url == "https://api.openai.com/v1/chat/completions"
+    judge.close()
+    for bad in ("openai:https://x/v1", "openai:#m", "openai:ftp://x#m", "gpt4", "hf:"):
+        with pytest.raises(jd.JudgeError):
+            jd.parse_judge(bad, cache_path=tmp_path)
+
+
+def test_rubric_covers_traits_and_values():
+    prompt = jd.trait_prompt("self_direction", "Q?", "A.")
+    assert "personal value" in prompt and "Self Direction" in prompt
+    assert "personality trait" in jd.trait_prompt("agreeableness", "Q?", "A.")
+    assert "[[N]]" in jd.fluency_prompt("A.")
+    assert jd.fluency_prompt("A.", jd.LOCAL_ENDING).endswith(jd.LOCAL_ENDING)
+
+
+# ---------------------------------------------------------------------------------------------
+# local (hf) judge
+
+
+def _digit_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokens plus merged " 1".." 5": each digit has two spellings."""
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<|end|>": 1}
+    vocab.update({ch: 2 + i for i, ch in enumerate(byte_chars)})
+    merges = [("Ġ", d) for d in "12345"]
+    for d in "12345":
+        vocab["Ġ" + d] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|end|>")
+
+
+class _SetDistribution(torch.nn.Module):
+    """Next-token probabilities fixed by hand (same at every position)."""
+
+    def __init__(self, probs: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.log(probs.clamp(min=1e-30)))
+        self.calls = 0
+
+    def forward(self, input_ids: torch.Tensor, **_: object):
+        self.calls += 1
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+def test_hf_judge_expected_value(tmp_path):
+    tokenizer = _digit_tokenizer()
+    ids = jd.digit_token_ids(tokenizer)
+    assert all(len(v) == 2 for v in ids.values())  # "3" and " 3"
+    probs = torch.zeros(len(tokenizer))
+    one, one_spaced = ids["1"]
+    probs[one], probs[one_spaced] = 0.05, 0.15  # P(1) = 0.2 over both spellings
+    probs[ids["3"][0]] = 0.3
+    probs[ids["5"][1]] = 0.2
+    probs[tokenizer.convert_tokens_to_ids("x")] = 0.3  # mass off the digits is renormalized away
+    model = _SetDistribution(probs)
+    judge = jd.HFJudge(model, tokenizer, spec="hf:fake", cache_path=tmp_path)
+    # " 3" is one token here, so the reply prefix is "Rating:" and the digit carries the space.
+    assert tokenizer.decode(judge.prefix_ids) == "Rating:"
+    expected = (1 * 0.2 + 3 * 0.3 + 5 * 0.2) / 0.7
+    value, dist = judge.expected_rating("Rate this.")
+    assert value == pytest.approx(expected)
+    assert dist["mass"] == pytest.approx(0.7)
+    rating = judge.rate("openness", "Q?", "A.")
+    assert rating.trait_score == pytest.approx(expected) and rating.fluency == pytest.approx(expected)
+    calls = model.calls
+    assert judge.rate("openness", "Q?", "A.") == rating and model.calls == calls  # cached
+    judge.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# answers
+
+
+@pytest.fixture
+def one_thread():
+    # A tiny model is fastest on one thread; extra OpenMP threads only contend on a busy CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_generate_answers_tiny_model(one_thread):
+    model, tokenizer = tiny_llama()
+    questions = [Question("q1", "What do you do on a free afternoon?"), "How do you handle a deadline?"]
+    answers = jd.generate_answers(model, tokenizer, questions, max_new_tokens=4, batch_size=2)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    persona = jd.pb_message("Q?", persona="You love parties.")
+    assert "You love parties." in persona and "###Question: Q?" in persona
+    assert "Q?" in jd.pb_message("Q?") and "Personality description" not in jd.pb_message("Q?")
+
+
+def test_reference_generation_constants():
+    assert (jd.PB_MAX_NEW_TOKENS, jd.PB_REPETITION_PENALTY, jd.PB_BATCH_SIZE) == (400, 1.15, 8)

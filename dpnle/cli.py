@@ -269,6 +269,8 @@ def edit_eval(
                                            "LOW to lower).")] = "both",
     seed: Annotated[int, typer.Option(help="Seed of subsets, masks and random controls.")] = 0,
     random_draws: Annotated[int, typer.Option(help="Independent random-neuron controls per setting.")] = 2,
+    all_scorers: Annotated[bool, typer.Option(help="Score conditions with every scorer, not only those that "
+                                                   "passed the validity check for the target.")] = False,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, mps (default: the best available).")] = None,
@@ -286,7 +288,7 @@ def edit_eval(
         methods=_csv(methods), directions=_csv(directions), gammas=[float(g) for g in _csv(gammas)],
         benchmarks=_csv(benchmarks), scorers=_csv(scorers), limit=limit, capability_limit=capability_limit,
         open_ended_limit=open_ended_limit, judge=judge, positions=positions, mode=mode, seed=seed,
-        random_draws=random_draws, batch_size=batch_size,
+        random_draws=random_draws, batch_size=batch_size, valid_scorers_only=not all_scorers,
     )
     loaded = _load_run_model(target, dtype=dtype, device=device, device_map=device_map)
     for concept in concepts:

@@ -91,6 +91,10 @@ class EvalConfig:
     random_draws: int = 2
     batch_size: int = 16
     validity_personas: int = 4
+    # Score conditions only with the scorers that passed the validity check for the target (or,
+    # when none passed, with the one that separated best, flagged invalid): a failed scorer's
+    # numbers are not evidence, and scoring them under every condition doubles the cost.
+    valid_scorers_only: bool = True
 
     def __post_init__(self) -> None:
         for method in self.methods:
@@ -118,7 +122,7 @@ class EvalConfig:
     def condition_settings(self) -> dict[str, Any]:
         """What a stored condition must match to be reused (everything that changes its rows)."""
         keys = ("benchmarks", "scorers", "limit", "capability_limit", "open_ended_limit", "judge",
-                "positions", "mode", "seed")
+                "positions", "mode", "seed", "valid_scorers_only")
         return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(self).items() if k in keys}
 
 
@@ -209,8 +213,30 @@ def _persona(concept: str, direction: str) -> str:
     return high[0] if direction == "up" else low[0]
 
 
-def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, config: EvalConfig) -> pd.DataFrame:
-    """Score every requested benchmark under one condition; one row per item."""
+def condition_scorers(run: Run, concept: str, config: EvalConfig) -> dict[str, list[str]]:
+    """Per questionnaire, the scorers conditions are scored with (see ``valid_scorers_only``)."""
+    chosen: dict[str, list[str]] = {}
+    for instrument in instruments_for(concept, config):
+        if not config.valid_scorers_only:
+            chosen[instrument] = list(config.scorers)
+            continue
+        rows = []
+        for scorer in config.scorers:
+            table = read_parquet(validity_path(run, instrument, scorer))
+            row = table[table["concept"] == concept]
+            if len(row):
+                rows.append((scorer, bool(row["passed"].iloc[0]), float(row["cohens_d"].iloc[0])))
+        passed = [scorer for scorer, ok, _ in rows if ok]
+        if not passed and rows:
+            passed = [max(rows, key=lambda r: (np.nan_to_num(r[2], nan=-np.inf)))[0]]
+        chosen[instrument] = passed
+    return chosen
+
+
+def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, config: EvalConfig,
+                       scorers: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """Score every requested benchmark under one condition; one row per item. ``scorers`` maps
+    each questionnaire to its scorers (default: every requested scorer)."""
     from dpnle import capability
     from dpnle.edits import build_edit
     from dpnle.instruments import score_items
@@ -223,7 +249,7 @@ def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, con
     persona = _persona(concept, condition.direction) if condition.method == "prompt" else None
     frames: list[pd.DataFrame] = []
     for instrument in instruments_for(concept, config):
-        for scorer in config.scorers:
+        for scorer in (scorers or {}).get(instrument, config.scorers):
             items = score_items(model, tokenizer, instrument, scorer, persona=persona, edit=edit,
                                 batch_size=config.batch_size, limit=config.limit)
             frames.append(pd.DataFrame({
@@ -306,7 +332,8 @@ def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
     for instrument in instruments_for(concept, config):
         for scorer in config.scorers:
             ensure_validity(run, loaded, instrument, scorer, config, log=log)
-    settings = config.condition_settings()
+    scorers = condition_scorers(run, concept, config)
+    settings = {**config.condition_settings(), "condition_scorers": scorers}
     digest = _settings_digest({**settings, "model": loaded.fingerprint.get("digest")})
     computed, reused, paths = [], [], []
     for condition in conditions(config):
@@ -318,7 +345,7 @@ def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
                     paths.append(path)
                     continue
         t0 = time.perf_counter()
-        frame = evaluate_condition(run, loaded, concept, condition, config)
+        frame = evaluate_condition(run, loaded, concept, condition, config, scorers)
         write_parquet(path, frame, metadata={
             "kind": "eval", "concept": concept, "condition": asdict(condition), "settings": settings,
             "settings_digest": digest, "model": loaded.fingerprint, "seconds": time.perf_counter() - t0,

@@ -1,0 +1,972 @@
+"""Stage 4 (leakage-report): tables, figures, ``report.md`` and a self-contained ``index.html``.
+
+Everything is read from the run directory (neurons Parquet from localize, eval Parquet from
+edit-eval, the manifest); nothing loads a model. The report is built in a temporary folder
+next to ``report/`` and swapped in at the end, so a failed build never leaves a half-written
+report, and a rebuild never keeps a stale figure of a method that is gone.
+
+Both documents are rendered from one list of blocks, so ``report.md`` and ``index.html`` say
+the same thing; the HTML embeds its figures as base64 data URIs and links nothing outside it.
+Sentences that compare methods are generated from the numbers and only restate them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as _dt
+import html
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dpnle import leakage as lk
+from dpnle.concepts import VALUE_ABBREVIATIONS, VALUES
+from dpnle.runs import ArtifactError, Run, parquet_metadata, read_parquet, write_parquet
+
+DPI = 110
+FIG_DIR = "figures"
+
+# Okabe-Ito colours (distinguishable with the common colour-vision deficiencies); the random
+# control is grey and dashed everywhere so that it reads as the reference, not as a method.
+METHOD_STYLE: dict[str, tuple[str, str, str]] = {
+    "dpnle": ("DPN-LE", "#0072B2", "-"),
+    "dpnle-w": ("DPN-LE_w", "#56B4E9", "-"),
+    "npti": ("NPTI", "#009E73", "-"),
+    "caa": ("CAA", "#CC79A7", "-"),
+    "random": ("random control", "#7F7F7F", "--"),
+    "prompt": ("prompting", "#D55E00", ":"),
+    "none": ("no edit", "#000000", ":"),
+}
+DIRECTION_COLOR = {"up": "#0072B2", "down": "#D55E00"}
+POLE_COLOR = {"high": "#0072B2", "low": "#E69F00"}
+# The method a values polar plot shows (the first present), with the random control beside it.
+PRIMARY_METHODS = ("dpnle", "dpnle-w", "npti", "caa", "prompt")
+
+INVALID_SENTENCE = "numbers from this instrument are not evidence on this model"
+
+LEAKAGE_EXPLANATION = (
+    "**How to read the leakage numbers.** These are dpnle's own definitions: NeVA (Yang et al. 2026, "
+    "arXiv 2602.07356) introduced value leakage, but its formula is not public. Steering concept t "
+    "changes the mean score of every dimension j of the same instrument and scorer by Delta_j "
+    "(edited minus no edit, paired by item, as a fraction of the answer scale's range; the `statement` "
+    "scorer has no fixed range and stays in raw units, which leaves the ratios unchanged). The leakage "
+    "matrix is L[t, j] = Delta_j / Delta_t, and NLR(t) is the mean |L[t, j]| over j != t (0: only the "
+    "target moved; 1: the other dimensions moved, on average, as far as the target). For the ten "
+    "values, CWL(t) weights |L[t, j]| by the circumplex distance (angle / pi, the values evenly spaced "
+    "in the order SD ST HE AC PO SE CO TR BE UN), so it grows when an edit moves the values opposite "
+    "the target; NGLR(t) averages |L[t, j]| over the values outside the target's higher-order group. "
+    f"A ratio is interpretable only if the target itself moved: a target counts as moved when "
+    f"|Delta_t| >= {lk.TARGET_EPS:g} and its 95% interval excludes 0; other rows are marked "
+    "(\"not moved\", † in the figures) and left out of the averages. Intervals are 95% t intervals "
+    "over items; the random control's draws are averaged per item first. The random-neuron control "
+    "(as many random neurons, same gamma) is the reference for specificity: an edit is specific only "
+    "as far as its target change exceeds the random control's and its leakage stays below it, on the "
+    "same instrument and scorer."
+)
+
+
+@dataclass
+class ReportResult:
+    path: Path
+    index_html: Path
+    report_md: Path
+    figures: list[Path]
+    tables: dict[str, Path]
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# the document model: one list of blocks, rendered twice
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Text:
+    text: str  # one paragraph; **bold** and `code` are the only markup
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class TableBlock:
+    frame: pd.DataFrame
+    caption: str = ""
+
+
+@dataclass
+class FigureBlock:
+    path: Path  # relative to the report folder
+    caption: str
+
+
+Block = Heading | Text | Bullets | TableBlock | FigureBlock
+
+
+def _cell(value: Any) -> str:
+    """A table cell as text: missing values (None, NaN) are empty, not "nan"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def _md_cell(value: Any) -> str:
+    return _cell(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: Sequence[Block]) -> str:
+    from dpnle.evaluate import to_markdown
+
+    out: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            out.append("#" * block.level + " " + block.text + "\n")
+        elif isinstance(block, Text):
+            out.append(block.text + "\n")
+        elif isinstance(block, Bullets):
+            out.append("\n".join(f"- {item}" for item in block.items) + "\n")
+        elif isinstance(block, TableBlock):
+            if block.caption:
+                out.append(f"*{block.caption}*\n")
+            frame = block.frame.apply(lambda col: col.map(_md_cell)) if not block.frame.empty else block.frame
+            out.append(to_markdown(frame))
+        elif isinstance(block, FigureBlock):
+            out.append(f"![{block.caption}]({block.path.as_posix()})\n\n*{block.caption}*\n")
+    return "\n".join(out)
+
+
+def _inline_html(text: str) -> str:
+    escaped = html.escape(text, quote=False)
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1a1a1a;
+       max-width: 1180px; margin: 0 auto; padding: 1.5rem 2rem 4rem; line-height: 1.45; }
+h1 { font-size: 1.7rem; border-bottom: 2px solid #0072B2; padding-bottom: .3rem; }
+h2 { font-size: 1.3rem; margin-top: 2.2rem; border-bottom: 1px solid #ccc; padding-bottom: .2rem; }
+h3 { font-size: 1.08rem; margin-top: 1.5rem; }
+code { background: #f2f2f2; padding: 0 .25rem; border-radius: 3px; font-size: .92em; }
+.table-wrap { overflow-x: auto; margin: .5rem 0 1rem; }
+table { border-collapse: collapse; font-size: .82rem; }
+caption { caption-side: top; text-align: left; font-style: italic; padding: .2rem 0; color: #444; }
+th, td { border: 1px solid #d0d0d0; padding: .22rem .5rem; text-align: right; white-space: nowrap; }
+th { background: #eef3f8; position: sticky; top: 0; }
+td:first-child, th:first-child { text-align: left; }
+tbody tr:nth-child(even) { background: #fafafa; }
+td.bad { background: #fde0dd; font-weight: 600; }
+td.good { background: #e5f5e0; }
+td.wrap { white-space: normal; text-align: left; max-width: 38rem; }
+td.txt { text-align: left; }
+figure { margin: 1rem 0 1.6rem; }
+figure img { max-width: 100%; height: auto; border: 1px solid #e3e3e3; }
+figcaption { font-size: .88rem; color: #444; }
+ul { padding-left: 1.3rem; }
+"""
+
+
+# Numbers (and numbers with an interval or a range) are right-aligned; words left-aligned.
+_NUMERIC = re.compile(r"^[-+(]?[\d.]+(e[-+]?\d+)?\)?([ /\[(].*)?$")
+
+
+def _html_table(frame: pd.DataFrame, caption: str) -> str:
+    if frame.empty:
+        return f"<p><em>{html.escape(caption)}: (no rows)</em></p>"
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for row in frame.itertuples(index=False):
+        cells = []
+        for value in row:
+            text = _cell(value)
+            cls = ""
+            if text.startswith("FAILED") or text == "not moved":
+                cls = ' class="bad"'
+            elif text == "passed":
+                cls = ' class="good"'
+            elif len(text) > 60:
+                cls = ' class="wrap"'
+            elif text and not _NUMERIC.match(text):
+                cls = ' class="txt"'
+            cells.append(f"<td{cls}>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return (f'<div class="table-wrap"><table>{cap}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def render_html(blocks: Sequence[Block], root: Path, title: str) -> str:
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+    ]
+    for block in blocks:
+        if isinstance(block, Heading):
+            level = min(max(block.level, 1), 6)
+            parts.append(f"<h{level}>{_inline_html(block.text)}</h{level}>")
+        elif isinstance(block, Text):
+            parts.append(f"<p>{_inline_html(block.text)}</p>")
+        elif isinstance(block, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in block.items) + "</ul>")
+        elif isinstance(block, TableBlock):
+            parts.append(_html_table(block.frame, block.caption))
+        elif isinstance(block, FigureBlock):
+            data = base64.b64encode((root / block.path).read_bytes()).decode("ascii")
+            alt = html.escape(block.caption, quote=True)
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{alt}">'
+                         f"<figcaption>{_inline_html(block.caption)}</figcaption></figure>")
+    parts += ["</body>", "</html>"]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+
+
+def _label(method: str) -> str:
+    return METHOD_STYLE.get(method, (method, "#333333", "-"))[0]
+
+
+def _color(method: str) -> str:
+    return METHOD_STYLE.get(method, (method, "#333333", "-"))[1]
+
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "" if math.isnan(v) else format(v, fmt)
+
+
+def _signed(value: Any) -> str:
+    return _num(value, "+.3f")
+
+
+def _interval(delta: float, low: float, high: float) -> str:
+    if not math.isfinite(delta):
+        return ""
+    if math.isfinite(low) and math.isfinite(high):
+        return f"{delta:+.3f} ({low:+.3f}, {high:+.3f})"
+    return f"{delta:+.3f}"
+
+
+def _valid_text(flag: Any) -> str:
+    if flag is None or (isinstance(flag, float) and math.isnan(flag)):
+        return "unchecked"
+    return "passed" if bool(flag) else "FAILED"
+
+
+def _abbrev(name: str) -> str:
+    return VALUE_ABBREVIATIONS.get(name, name)
+
+
+def _short(value: Any, limit: int = 70) -> str:
+    text = json.dumps(value, default=str) if isinstance(value, (dict, list, tuple)) else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _slug(*parts: Any) -> str:
+    return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", str(p)) for p in parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures (matplotlib's object API with the Agg canvas: no pyplot state, no display needed)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return path
+
+
+def _grid(n: int, max_cols: int) -> tuple[int, int]:
+    cols = max(1, min(max_cols, n))
+    return math.ceil(n / cols), cols
+
+
+def fig_neurons_per_layer(selections: dict[str, pd.DataFrame], path: Path) -> Path:
+    """Stacked HIGH / LOW bars of the selected neurons per layer, one panel per concept."""
+    concepts = list(selections)
+    layers = sorted({int(x) for s in selections.values() for x in s["layer"]}) or [0]
+    nrows, ncols = _grid(len(concepts), 5)
+    fig = _figure(2.9 * ncols + 0.4, 2.4 * nrows + 0.7)
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+    x = np.array(layers)
+    for ax, concept in zip(axes.flat, concepts, strict=False):
+        sel = selections[concept]
+        counts = sel.groupby(["layer", "pole"]).size().unstack(fill_value=0) if len(sel) else pd.DataFrame()
+        high = counts.get("high", pd.Series(dtype=float)).reindex(layers, fill_value=0).to_numpy()
+        low = counts.get("low", pd.Series(dtype=float)).reindex(layers, fill_value=0).to_numpy()
+        ax.bar(x, high, color=POLE_COLOR["high"], label="HIGH", width=0.85)
+        ax.bar(x, low, bottom=high, color=POLE_COLOR["low"], label="LOW", width=0.85)
+        ax.set_title(f"{concept}  ({int(high.sum())} high / {int(low.sum())} low)", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes.flat[len(concepts):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("layer", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("selected neurons", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper right", ncols=2, fontsize=8, frameon=False)
+    fig.suptitle("Selected neurons per layer (DPN-LE; HIGH raises the concept, LOW lowers it)", fontsize=10)
+    return _save(fig, path)
+
+
+def _annotate(ax, matrix: np.ndarray, fmt: str, colors: np.ndarray, fontsize: float,
+              grey: np.ndarray | None = None) -> None:
+    for (i, j), v in np.ndenumerate(matrix):
+        if not math.isfinite(v):
+            continue
+        muted = grey is not None and grey[i, j]
+        # Out of the layout: constrained layout need not measure hundreds of cell labels.
+        ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=fontsize, in_layout=False,
+                color="#555555" if muted else colors[i, j], style="italic" if muted else "normal")
+
+
+def fig_overlap(overlap: pd.DataFrame, path: Path) -> Path:
+    """Jaccard overlap of the selected neuron sets (diagonal left blank)."""
+    from dpnle.localize import overlap_matrix
+
+    matrix = overlap_matrix(overlap, "jaccard")
+    order = lk.concept_order(matrix.index)
+    matrix = matrix.reindex(index=order, columns=order)
+    data = matrix.to_numpy(dtype=float).copy()
+    np.fill_diagonal(data, np.nan)
+    n = len(order)
+    fig = _figure(max(4.5, 0.62 * n + 2.6), max(3.6, 0.5 * n + 1.8))
+    ax = fig.add_subplot()
+    finite = data[np.isfinite(data)]
+    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    import matplotlib as mpl
+
+    cmap = mpl.colormaps["viridis"].with_extremes(bad="#f0f0f0")
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=vmax)
+    text_colors = np.where(np.nan_to_num(data) > 0.55 * vmax, "black", "white")
+    _annotate(ax, data, ".3f", text_colors, 8 if n <= 10 else 6)
+    labels = [_abbrev(c) if n > 6 else c for c in order]
+    ax.set_xticks(range(n), labels, rotation=35 if n <= 6 else 0, ha="right" if n <= 6 else "center", fontsize=8)
+    ax.set_yticks(range(n), order, fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="Jaccard")
+    ax.set_title("Overlap of the selected neuron sets (before any generation)", fontsize=10)
+    return _save(fig, path)
+
+
+def fig_leakage_heatmap(matrices: list[tuple[str, pd.DataFrame]], title: str, path: Path) -> Path:
+    """L[t, j] per direction, diverging around 0; rows whose target did not move are greyed."""
+    import matplotlib as mpl
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    dims = lk.dimensions(matrices[0][1])
+    n_rows = max(len(L) for _, L in matrices)
+    values = len(dims) > 5 or all(d in VALUES for d in dims)
+    # Ten value columns side by side twice would shrink the labels below reading size in the page:
+    # values stack their directions, the five traits sit side by side.
+    cell_w, cell_h = (0.62, 0.42) if values else (0.62, 0.46)
+    panel_w, panel_h = cell_w * len(dims) + 2.6, cell_h * n_rows + (1.3 if values else 1.9)
+    if values:
+        fig = _figure(panel_w + 1.2, panel_h * len(matrices) + 0.8)
+        axes = fig.subplots(len(matrices), 1, squeeze=False)[:, 0]
+    else:
+        fig = _figure(panel_w * len(matrices) + 1.2, panel_h + 0.8)
+        axes = fig.subplots(1, len(matrices), squeeze=False)[0]
+    moved_vals = np.concatenate([
+        np.abs(L.loc[L["target_moved"], dims].to_numpy(dtype=float)).ravel() for _, L in matrices
+    ]) if matrices else np.array([])
+    moved_vals = moved_vals[np.isfinite(moved_vals)]
+    # Off-target ratios above 2 are all "leaks more than it moves the target"; the colour saturates
+    # there and the annotation keeps the exact number.
+    lim = float(np.clip(moved_vals.max(), 1.0, 2.0)) if moved_vals.size else 1.0
+    cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+    im = None
+    for ax, (direction, L) in zip(axes, matrices, strict=True):
+        data = L[dims].to_numpy(dtype=float)
+        not_moved = ~L["target_moved"].to_numpy(dtype=bool)
+        shown = np.ma.masked_where(np.repeat(not_moved[:, None], len(dims), axis=1) | ~np.isfinite(data), data)
+        im = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto")
+        text_colors = np.where(np.abs(np.nan_to_num(data)) > 0.65 * lim, "white", "black")
+        grey = np.repeat(not_moved[:, None], len(dims), axis=1)
+        _annotate(ax, data, ".2f", text_colors, 8.5, grey=grey)
+        for i, t in enumerate(L.index):
+            if t in dims:
+                ax.add_patch(Rectangle((dims.index(t) - 0.5, i - 0.5), 1, 1, fill=False, lw=1.6,
+                                       edgecolor="black"))
+        col_labels = [_abbrev(d) for d in dims] if values else dims
+        ax.set_xticks(range(len(dims)), col_labels, fontsize=9, rotation=0 if values else 25,
+                      ha="center" if values else "right", rotation_mode="anchor")
+        row_labels = [f"{t}{'' if m else ' †'}" for t, m in zip(L.index, ~not_moved, strict=True)]
+        ax.set_yticks(range(len(L)), row_labels, fontsize=9)
+        gamma = L.attrs.get("gamma")
+        ax.set_title(f"{direction}" + (f"  (gamma {gamma:g})" if gamma else ""), fontsize=10)
+        ax.set_xlabel("dimension j (measured)", fontsize=9)
+        ax.set_ylabel("steered concept t", fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), shrink=0.85, label="L[t, j] = Δj / Δt", extend="both")
+    fig.suptitle(title + "\n† target did not move: its row is not interpretable (grey)", fontsize=11)
+    return _save(fig, path)
+
+
+def _circumplex_angles() -> dict[str, float]:
+    return {v: 2 * math.pi * k / len(VALUES) for k, v in enumerate(VALUES)}
+
+
+def fig_polar(shifts: pd.DataFrame, method: str, gammas: dict[tuple[str, str], float | None], title: str,
+              path: Path) -> Path:
+    """Per value target, the shifts Delta_j of every value at its circumplex angle (up and down);
+    the random control dotted. The radius runs from -m at the centre to +m; the black circle is 0."""
+    angles = _circumplex_angles()
+    targets = [t for t in lk.concept_order(shifts["concept"]) if t in VALUES]
+    dims = [d for d in VALUES if d in set(shifts["dimension"])]
+    nrows, ncols = _grid(len(targets), 5)
+    fig = _figure(3.0 * ncols + 0.3, 3.25 * nrows + 0.9)
+    axes = fig.subplots(nrows, ncols, squeeze=False, subplot_kw={"projection": "polar"})
+    shown = shifts[shifts["method"].isin([method, "random"]) & shifts["dimension"].isin(dims)]
+    finite = np.abs(shown["delta"].to_numpy(dtype=float))
+    finite = finite[np.isfinite(finite)]
+    m = float(finite.max()) * 1.15 if finite.size and finite.max() > 0 else 0.1
+    theta = np.array([angles[d] for d in dims] + [angles[dims[0]]]) if dims else np.array([])
+    circle = np.linspace(0, 2 * math.pi, 181)
+    for ax, target in zip(axes.flat, targets, strict=False):
+        ax.set_theta_zero_location("N")
+        ax.set_theta_direction(-1)
+        ax.set_ylim(-m, m)
+        ax.plot(circle, np.zeros_like(circle), color="black", lw=0.9)
+        for direction in ("up", "down"):
+            for meth, style, width in ((method, "-", 1.8), ("random", ":", 1.2)):
+                gamma = gammas.get((meth, direction))
+                part = shifts[(shifts["concept"] == target) & (shifts["method"] == meth)
+                              & (shifts["direction"] == direction)]
+                if gamma is not None:
+                    part = part[np.isclose(part["gamma"].astype(float), gamma)]
+                if part.empty:
+                    continue
+                r = part.groupby("dimension")["delta"].mean().reindex(dims).to_numpy(dtype=float)
+                ax.plot(theta, np.append(r, r[0]), style, color=DIRECTION_COLOR[direction], lw=width,
+                        marker="o" if meth == method else None, ms=3)
+        if target in angles:
+            ax.plot([angles[target]], [m], marker="*", ms=13, color="black", clip_on=False)
+        ax.set_xticks([angles[d] for d in dims], [_abbrev(d) for d in dims], fontsize=8)
+        ax.set_yticks([-m / 2, 0, m / 2], [f"{-m / 2:+.2f}", "0", f"{m / 2:+.2f}"], fontsize=6)
+        ax.set_title(f"steer {target}", fontsize=9, pad=12)
+    for ax in axes.flat[len(targets):]:
+        ax.set_visible(False)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=DIRECTION_COLOR["up"], lw=1.8, marker="o", ms=3, label=f"{_label(method)} up"),
+               Line2D([], [], color=DIRECTION_COLOR["down"], lw=1.8, marker="o", ms=3,
+                      label=f"{_label(method)} down"),
+               Line2D([], [], color=DIRECTION_COLOR["up"], lw=1.2, ls=":", label="random control up"),
+               Line2D([], [], color=DIRECTION_COLOR["down"], lw=1.2, ls=":", label="random control down"),
+               Line2D([], [], color="black", marker="*", ls="", ms=10, label="target")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=5, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def fig_gamma(shifts: pd.DataFrame, capability: pd.DataFrame | None, cap_label: str, title: str,
+              path: Path) -> Path:
+    """Target change against gamma per method (95% CI), the random control grey and dashed, the
+    prompt (no gamma) a horizontal line; capability on the right axis (dotted, x markers)."""
+    from matplotlib.lines import Line2D
+
+    target = shifts[shifts["target"].astype(bool)]
+    concepts = lk.concept_order(target["concept"])
+    directions = [d for d in ("up", "down") if d in set(target["direction"])]
+    methods = [m for m in lk.method_order(target["method"]) if m != "none"]
+    fig = _figure(4.4 * len(directions) + 0.6, 2.5 * len(concepts) + 1.1)
+    axes = fig.subplots(len(concepts), len(directions), squeeze=False, sharex=True)
+    for i, concept in enumerate(concepts):
+        for k, direction in enumerate(directions):
+            ax = axes[i, k]
+            ax.axhline(0.0, color="black", lw=0.6)
+            ax2 = ax.twinx() if capability is not None and not capability.empty else None
+            for method in methods:
+                part = target[(target["concept"] == concept) & (target["method"] == method)
+                              & (target["direction"] == direction)].sort_values("gamma")
+                if part.empty:
+                    continue
+                color, style = _color(method), METHOD_STYLE.get(method, ("", "", "-"))[2]
+                g = part["gamma"].to_numpy(dtype=float)
+                d = part["delta"].to_numpy(dtype=float)
+                lo, hi = part["ci_low"].to_numpy(dtype=float), part["ci_high"].to_numpy(dtype=float)
+                if method == "prompt":
+                    ax.axhline(float(d.mean()), color=color, ls=style, lw=1.6)
+                    continue
+                if method == "random" and len(g) > 1:
+                    ax.fill_between(g, lo, hi, color=color, alpha=0.18, lw=0)
+                err = np.vstack([d - lo, hi - d])
+                ax.errorbar(g, d, yerr=np.where(np.isfinite(err), err, 0.0), color=color, ls=style, lw=1.6,
+                            marker="s" if method == "random" else "o", ms=4, capsize=2)
+                if ax2 is not None:
+                    cap = capability[(capability["concept"] == concept) & (capability["method"] == method)
+                                     & (capability["direction"] == direction)].sort_values("gamma")
+                    if len(cap):
+                        ax2.plot(cap["gamma"], cap["value"], ":", color=color, lw=1.1, marker="x", ms=5)
+            if ax2 is not None:
+                base = capability[(capability["concept"] == concept) & (capability["method"] == "none")]
+                if len(base):
+                    ax2.axhline(float(base["value"].mean()), color="black", ls=(0, (1, 3)), lw=0.9)
+                ax2.tick_params(labelsize=7)
+                if k == len(directions) - 1:
+                    ax2.set_ylabel(cap_label, fontsize=7)
+            ax.set_title(f"{concept}, {direction}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.25)
+            if k == 0:
+                ax.set_ylabel("target change Δt", fontsize=8)
+            if i == len(concepts) - 1:
+                ax.set_xlabel("gamma", fontsize=8)
+    handles = [Line2D([], [], color=_color(m), ls=METHOD_STYLE.get(m, ("", "", "-"))[2], lw=1.6,
+                      marker=None if m == "prompt" else ("s" if m == "random" else "o"), ms=4, label=_label(m))
+               for m in methods]
+    if capability is not None and not capability.empty:
+        handles += [Line2D([], [], color="#333333", ls=":", marker="x", lw=1.1, label=f"{cap_label} (right axis)"),
+                    Line2D([], [], color="black", ls=(0, (1, 3)), lw=0.9, label="no edit (right axis)")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the run
+
+
+def load_validity_table(run: Run) -> pd.DataFrame:
+    """The validity table, tolerating files that already carry ``instrument`` / ``scorer`` columns
+    (``instruments.validity_check`` writes them; ``evaluate.load_validity`` inserts them again)."""
+    from dpnle.evaluate import load_validity
+
+    with contextlib.suppress(ValueError):
+        return load_validity(run)
+    frames = []
+    for path in sorted((run.eval_dir / "validity").glob("*.parquet")):
+        meta = parquet_metadata(path)
+        frame = read_parquet(path)
+        for position, key in enumerate(("instrument", "scorer")):
+            if key not in frame.columns:
+                frame.insert(position, key, meta.get(key))
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def capability_series(rows: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
+    """Per (concept, method, direction, gamma) one capability number: the first capability
+    benchmark's mean score when one was run, else the KL divergence on neutral text."""
+    from dpnle.evaluate import CAPABILITY, NEUTRAL
+
+    present = [b for b in CAPABILITY if b in set(rows["benchmark"])]
+    if present:
+        part = rows[rows["benchmark"] == present[0]]
+        part = part[part["scorer"] == part["scorer"].iloc[0]]
+        label = f"{present[0]} ({part['scorer'].iloc[0]})"
+    else:
+        part = rows[(rows["benchmark"] == NEUTRAL) & (rows["scorer"] == "kl")]
+        label = "KL on neutral text"
+    if part.empty:
+        return None, ""
+    cap = (part.groupby(["concept", "method", "direction", "gamma"], sort=False)["score"].mean()
+           .rename("value").reset_index())
+    return cap, label
+
+
+# ---------------------------------------------------------------------------------------------
+# the sections
+
+
+def _run_section(run: Run, manifest: dict[str, Any]) -> list[Block]:
+    model = manifest.get("model", {})
+    fp = model.get("fingerprint", {}) or {}
+    items = [
+        f"Run **{run.name}** (created {manifest.get('created', 'unknown')}).",
+        f"Model: `{model.get('id', 'unknown')}`; fingerprint digest `{fp.get('digest', 'not recorded')}`"
+        + (f" ({fp.get('class')}, {fp.get('num_layers')} layers, {fp.get('intermediate_size')} MLP neurons per "
+           "layer)" if fp.get("class") else "") + ".",
+    ]
+    versions = manifest.get("versions", {})
+    if versions:
+        items.append("Software: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+    blocks: list[Block] = [Heading("The run"), Bullets(items)]
+    records = []
+    for stage, entries in (manifest.get("stages") or {}).items():
+        for concept, entry in (entries or {}).items():
+            params = {k: v for k, v in entry.items() if k not in ("status", "updated")}
+            records.append({
+                "stage": stage, "concept": concept, "status": entry.get("status", ""),
+                "updated": entry.get("updated", ""),
+                "parameters": "; ".join(f"{k}={_short(v)}" for k, v in params.items()),
+            })
+    if records:
+        blocks.append(TableBlock(pd.DataFrame(records), "Stages recorded in run.json (long parameter values "
+                                                        "shortened here; run.json has them in full)"))
+    else:
+        blocks.append(Text("No stage is recorded in run.json yet."))
+    return blocks
+
+
+VALIDITY_SHOW = ("instrument", "scorer", "concept", "passed", "cohens_d", "sign_p", "separation_normalized",
+                 "key_interaction", "collapse", "collapse_testable", "n_items")
+
+
+def _validity_section(validity: pd.DataFrame) -> list[Block]:
+    blocks: list[Block] = [Heading("Validity of the instruments on this model")]
+    if validity.empty:
+        blocks.append(Text("No validity check is stored: edit-eval runs it before scoring any questionnaire. "
+                           "Questionnaire numbers below (if any) are unchecked."))
+        return blocks
+    blocks.append(Text(
+        "Each (instrument, scorer) is checked per concept: do high- and low-persona prompts separate "
+        "(paired Cohen's d > 0.5 and a sign test p < 0.05) without the answers collapsing into "
+        "acquiescence (plus- and minus-keyed items moving together)?"))
+    statements = []
+    for (instrument, scorer), part in validity.groupby(["instrument", "scorer"], sort=False):
+        failed = [str(c) for c, p in zip(part["concept"], part["passed"], strict=True) if not bool(p)]
+        if failed and len(failed) == len(part):
+            statements.append(f"**{instrument} / {scorer} FAILED the validity check for every concept checked "
+                              f"({', '.join(failed)}): {INVALID_SENTENCE}.**")
+        elif failed:
+            statements.append(f"**{instrument} / {scorer} FAILED the validity check for {', '.join(failed)}: "
+                              f"for those concepts, {INVALID_SENTENCE}.** It passed for the others.")
+        else:
+            statements.append(f"{instrument} / {scorer} passed for every concept checked.")
+        if "collapse_testable" in part and not part["collapse_testable"].astype(bool).any():
+            statements.append(f"{instrument} / {scorer}: the instrument has no minus-keyed items, so "
+                              "acquiescence cannot be tested; an answer-level-only response can pass.")
+    blocks.append(Bullets(statements))
+    cols = [c for c in VALIDITY_SHOW if c in validity.columns]
+    shown = validity[cols].copy()
+    shown["passed"] = shown["passed"].map(_valid_text)
+    for c in cols:
+        if c != "passed" and shown[c].dtype.kind == "f":
+            shown[c] = shown[c].map(lambda v: _num(v, ".3g"))
+    blocks.append(TableBlock(shown, "Validity check per instrument, scorer and concept"))
+    return blocks
+
+
+def _neurons_section(run: Run, root: Path, figures: list[Path], tables: dict[str, Path],
+                     notes: list[str]) -> list[Block]:
+    from dpnle.localize import load_selection
+
+    blocks: list[Block] = [Heading("Neuron selection (before any generation)")]
+    concepts = lk.localized_concepts(run)
+    if not concepts:
+        text = (f"No localization in this run yet: run `dpnle localize --run {run.name} --all` after "
+                "`dpnle collect-activations`.")
+        notes.append(text)
+        blocks.append(Text(text))
+        return blocks
+    selections = {}
+    for concept in concepts:
+        try:
+            selections[concept] = load_selection(run, concept)
+        except ArtifactError as exc:
+            notes.append(str(exc))
+    if selections:
+        counts = []
+        for concept, sel in selections.items():
+            by = sel.groupby(["layer", "pole"]).size().rename("neurons").reset_index()
+            counts.append(by.assign(concept=concept)[["concept", "layer", "pole", "neurons"]])
+        per_layer = pd.concat(counts, ignore_index=True)
+        tables["neurons_per_layer"] = write_parquet(root / "neurons_per_layer.parquet", per_layer,
+                                                    metadata={"kind": "report", "table": "neurons_per_layer"})
+        path = fig_neurons_per_layer(selections, root / FIG_DIR / "neurons_per_layer.png")
+        figures.append(path)
+        blocks.append(FigureBlock(path.relative_to(root), "Selected DPN-LE neurons per layer and pole"))
+        totals = pd.DataFrame([{"concept": c, "high": int((s["pole"] == "high").sum()),
+                                "low": int((s["pole"] == "low").sum()), "layers": int(s["layer"].nunique())}
+                               for c, s in selections.items()])
+        blocks.append(TableBlock(totals, "Selected neurons per concept"))
+    overlap = lk.neuron_overlap(run)
+    tables["overlap"] = write_parquet(root / "overlap.parquet", overlap, metadata={"kind": "report",
+                                                                                   "table": "overlap"})
+    if overlap.empty:
+        blocks.append(Text("The overlap needs at least two localized concepts."))
+        return blocks
+    path = fig_overlap(overlap, root / FIG_DIR / "overlap.png")
+    figures.append(path)
+    blocks.append(FigureBlock(path.relative_to(root), "Jaccard overlap of the selected neuron sets"))
+    shown = overlap.copy()
+    shown["jaccard"] = shown["jaccard"].map(lambda v: _num(v, ".4f"))
+    blocks.append(TableBlock(shown, "Overlap of the selected (layer, neuron) sets; shared_opposite_pole counts "
+                                    "neurons that raise one concept and lower the other"))
+    return blocks
+
+
+def _chosen_gammas(shifts: pd.DataFrame) -> dict[tuple[str, str], float | None]:
+    return {(m, d): lk.select_gamma(shifts, m, d, None)
+            for m, d in shifts[["method", "direction"]].drop_duplicates().itertuples(index=False)}
+
+
+def _comparison_sentences(table: pd.DataFrame, instrument: str, scorer: str) -> list[str]:
+    """One sentence per direction: each method's mean target change and mean NLR, by the numbers."""
+    avg = table[(table["instrument"] == instrument) & (table["scorer"] == scorer) & (table["target"] == lk.AVERAGE)]
+    sentences = []
+    for direction in ("up", "down"):
+        part = avg[avg["direction"] == direction]
+        if part.empty:
+            continue
+        clauses = []
+        for method in lk.method_order(part["method"]):
+            rows = part[part["method"] == method]
+            gamma = min(rows["gamma"], key=lambda g: (abs(g - 1.0), -g))
+            r = rows[rows["gamma"] == gamma].iloc[0]
+            gtext = f" at gamma {gamma:g}" if method not in ("prompt",) else ""
+            leak = (f"mean NLR {r['nlr']:.2f}" if math.isfinite(r["nlr"])
+                    else "NLR not interpretable (no target moved)")
+            extra = ""
+            if math.isfinite(r["nlr"]) and math.isfinite(r["cwl"]):
+                extra = f", CWL {r['cwl']:.2f}, NGLR {r['nglr']:.2f}"
+            clauses.append(f"{_label(method)}{gtext}: target change {r['delta_target']:+.3f} on average, "
+                           f"{int(r['n_moved'])}/{int(r['n_targets'])} targets moved, {leak}{extra}")
+        invalid = part["valid"].eq(0.0).any()
+        prefix = f"**{instrument} / {scorer}, {direction}**"
+        if invalid:
+            prefix += f" (failed validity for some targets: {INVALID_SENTENCE})"
+        sentences.append(prefix + ": " + "; ".join(clauses) + ".")
+    return sentences
+
+
+def _leakage_display(table: pd.DataFrame, average: bool) -> pd.DataFrame:
+    part = table[(table["target"] == lk.AVERAGE) == average]
+    records = []
+    for r in part.itertuples(index=False):
+        rec: dict[str, Any] = {"instrument": f"{r.instrument}/{r.scorer}", "method": _label(r.method),
+                               "direction": r.direction,
+                               "gamma": "-" if r.method == "prompt" else _num(r.gamma, "g")}
+        if average:
+            rec.update({"targets moved": f"{r.n_moved}/{r.n_targets}", "mean Δt": _signed(r.delta_target),
+                        "mean NLR": _num(r.nlr), "mean CWL": _num(r.cwl), "mean NGLR": _num(r.nglr)})
+        else:
+            # A ratio to a target that did not move is kept, in parentheses: it is not a finding.
+            ratio = _num if r.target_moved else (lambda v: f"({_num(v)})" if _num(v) else "")
+            rec.update({"target": r.target, "Δt (95% CI)": _interval(r.delta_target, r.ci_low, r.ci_high),
+                        "moved": "yes" if r.target_moved else "not moved", "NLR": ratio(r.nlr),
+                        "CWL": ratio(r.cwl), "NGLR": ratio(r.nglr)})
+        rec["valid"] = _valid_text(r.valid)
+        rec["units"] = r.units
+        records.append(rec)
+    frame = pd.DataFrame(records)
+    if not frame.empty and frame[["mean CWL" if average else "CWL"]].eq("").all().all():
+        frame = frame.drop(columns=["mean CWL", "mean NGLR"] if average else ["CWL", "NGLR"])
+    return frame
+
+
+def _eval_sections(run: Run, rows: pd.DataFrame, validity: pd.DataFrame, root: Path, figures: list[Path],
+                   tables: dict[str, Path], notes: list[str]) -> list[Block]:
+    from dpnle.evaluate import QUESTIONNAIRES, paper_table, summarize
+
+    blocks: list[Block] = [Heading("Edit effects (the DPN-LE paper's layout)")]
+    # The paper table reads only the target dimension of each questionnaire: summarizing the
+    # off-target dimensions too would only cost time (the leakage tables below cover them).
+    questionnaire = rows["benchmark"].isin(QUESTIONNAIRES)
+    needed = rows[~questionnaire | (rows["dimension"] == rows["concept"])]
+    summary = summarize(needed, validity if not validity.empty else None)
+    paper = paper_table(summary)
+    tables["paper_table"] = write_parquet(root / "paper_table.parquet", paper,
+                                          metadata={"kind": "report", "table": "paper_table"})
+    blocks.append(Text("Per concept and method: neurons edited, change of the target score against no edit "
+                       "(mean over items, 95% CI; random control: mean [min..max] over draws), capability. "
+                       "A column marked (invalid) comes from an instrument that failed the validity check."))
+    if not paper.empty:
+        kinds = {"traits": [c for c in paper["concept"] if c not in VALUES],
+                 "values": [c for c in paper["concept"] if c in VALUES]}
+        for kind, concepts in kinds.items():
+            part = paper[paper["concept"].isin(concepts)].dropna(axis=1, how="all")
+            if len(part):
+                blocks.append(TableBlock(part, f"Target change and capability per {kind[:-1]} and method"))
+
+    shifts = {pair: lk.score_shifts(rows, *pair) for pair in lk.questionnaire_pairs(rows)}
+    shifts = {k: v for k, v in shifts.items() if not v.empty}
+    table = lk.leakage_table(rows, validity if not validity.empty else None, shifts=shifts)
+    tables["leakage"] = write_parquet(root / "leakage.parquet", table, metadata={
+        "kind": "report", "table": "leakage", "target_eps": lk.TARGET_EPS, "ci": "95% t over items"})
+    all_shifts = pd.concat([v.assign(instrument=k[0], scorer=k[1]) for k, v in shifts.items()],
+                           ignore_index=True) if shifts else pd.DataFrame()
+    tables["shifts"] = write_parquet(root / "shifts.parquet", all_shifts, metadata={"kind": "report",
+                                                                                     "table": "shifts"})
+
+    blocks.append(Heading("Leakage"))
+    blocks.append(Text(LEAKAGE_EXPLANATION))
+    if table.empty:
+        text = "No questionnaire rows with a no-edit baseline: no leakage can be computed."
+        notes.append(text)
+        blocks.append(Text(text))
+        return blocks
+    sentences = []
+    for instrument, scorer in shifts:
+        sentences += _comparison_sentences(table, instrument, scorer)
+    blocks.append(Text("By the numbers (gamma closest to 1 for each method; every gamma is in leakage.parquet):"))
+    blocks.append(Bullets(sentences))
+    blocks.append(TableBlock(_leakage_display(table, average=True),
+                             "Leakage per instrument, method, direction and gamma (averages over the targets "
+                             "that moved)"))
+
+    for (instrument, scorer), sh in shifts.items():
+        blocks.append(Heading(f"{instrument} / {scorer}", 3))
+        tag = table[(table["instrument"] == instrument) & (table["scorer"] == scorer)]
+        if tag["valid"].eq(0.0).any():
+            blocks.append(Text(f"**This instrument failed the validity check for some targets on this model: "
+                               f"for those, {INVALID_SENTENCE}.**"))
+        blocks.append(TableBlock(_leakage_display(tag, average=False),
+                                 f"Per target, {instrument} / {scorer} (ratios in parentheses: the target did not "
+                                 "move, so they are not interpretable)"))
+        gammas = _chosen_gammas(sh)
+        for method in [m for m in lk.method_order(sh["method"]) if m != "none"]:
+            matrices = []
+            for direction in ("up", "down"):
+                if (method, direction) not in gammas:
+                    continue
+                all_gammas = sorted({float(g) for g in sh.loc[(sh["method"] == method)
+                                                               & (sh["direction"] == direction), "gamma"]})
+                stacked = []
+                for g in all_gammas:
+                    L = lk.leakage_matrix(sh, method, direction, g)
+                    stacked.append(L.reset_index().assign(gamma=g))
+                    if g == gammas[(method, direction)]:
+                        matrices.append((direction, L))
+                name = f"leakage_matrix_{_slug(instrument, scorer, method, direction)}"
+                tables[name] = write_parquet(root / f"{name}.parquet", pd.concat(stacked, ignore_index=True),
+                                             metadata={"kind": "report", "table": "leakage_matrix",
+                                                       "instrument": instrument, "scorer": scorer,
+                                                       "method": method, "direction": direction,
+                                                       "target_eps": lk.TARGET_EPS})
+            if not matrices:
+                continue
+            path = fig_leakage_heatmap(matrices, f"Leakage L[t, j], {_label(method)}, {instrument} / {scorer}",
+                                       root / FIG_DIR / f"leakage_{_slug(instrument, scorer, method)}.png")
+            figures.append(path)
+            blocks.append(FigureBlock(path.relative_to(root),
+                                      f"Leakage matrix, {_label(method)}, {instrument} / {scorer}"))
+        value_targets = [t for t in sh["concept"].unique() if t in VALUES]
+        primary = next((m for m in PRIMARY_METHODS if m in set(sh["method"])), None)
+        if value_targets and primary is not None:
+            path = fig_polar(sh, primary, gammas,
+                             f"Shifts Δj on the circumplex, {_label(primary)} vs random control, "
+                             f"{instrument} / {scorer}",
+                             root / FIG_DIR / f"circumplex_{_slug(instrument, scorer, primary)}.png")
+            figures.append(path)
+            blocks.append(FigureBlock(path.relative_to(root),
+                                      f"Each value target's shifts at the values' circumplex angles ({_label(primary)} "
+                                      f"solid, random control dotted; the black circle is no change)"))
+
+    blocks.append(Heading("Target score against gamma"))
+    cap, cap_label = capability_series(rows)
+    if cap is None:
+        blocks.append(Text("No capability measure (neutral-text KL or a benchmark) in this run: the right axis "
+                           "is left out."))
+    for (instrument, scorer), sh in shifts.items():
+        if not sh["target"].any():
+            continue
+        path = fig_gamma(sh, cap, cap_label, f"Target change against gamma, {instrument} / {scorer}"
+                         + (f"; right axis: {cap_label}" if cap is not None else ""),
+                         root / FIG_DIR / f"gamma_{_slug(instrument, scorer)}.png")
+        figures.append(path)
+        blocks.append(FigureBlock(path.relative_to(root),
+                                  f"Target change (left) and capability (right) against gamma, {instrument} / {scorer}"))
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` (two renames, then delete the old copy)."""
+    trash = None
+    if final.exists():
+        trash = Path(tempfile.mkdtemp(prefix=".report-old-", dir=final.parent))
+        os.replace(final, trash / "report")
+    os.replace(tmp, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None = None) -> ReportResult:
+    """Write ``runs/<run>/report/``: Parquet tables, PNG figures, ``report.md`` and ``index.html``."""
+    from dpnle.evaluate import load_eval
+
+    if not isinstance(run, Run):
+        run = Run.open(run)
+    say = log or (lambda _msg: None)
+    manifest = run.manifest()
+    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=run.path))
+    figures: list[Path] = []
+    tables: dict[str, Path] = {}
+    notes: list[str] = []
+    try:
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        blocks: list[Block] = [
+            Heading(f"dpnle report: {run.name}", 1),
+            Text(f"Generated {stamp} by `dpnle leakage-report` from the Parquet files of this run directory. "
+                 "Every number here is in the Parquet tables next to this file."),
+        ]
+        blocks += _run_section(run, manifest)
+
+        validity = load_validity_table(run)
+        tables["validity"] = write_parquet(tmp / "validity.parquet", validity,
+                                           metadata={"kind": "report", "table": "validity"})
+        blocks += _validity_section(validity)
+
+        say("neurons and overlap")
+        blocks += _neurons_section(run, tmp, figures, tables, notes)
+
+        try:
+            rows = load_eval(run)
+        except ArtifactError:
+            rows = None
+        if rows is None or rows.empty:
+            text = (f"This run has no edit-eval results yet, so there is no leakage to report. Run "
+                    f"`dpnle edit-eval --run {run.name} --all-traits` (values: `--all-values --benchmarks "
+                    f"pvq40,neutral`), then `dpnle leakage-report --run {run.name}` again.")
+            notes.append(text)
+            blocks += [Heading("Edit effects and leakage"), Text(LEAKAGE_EXPLANATION), Text(f"**{text}**")]
+        else:
+            say("leakage tables and figures")
+            blocks += _eval_sections(run, rows, validity, tmp, figures, tables, notes)
+
+        blocks.append(Heading("Files"))
+        blocks.append(Bullets([f"`{p.relative_to(tmp).as_posix()}`" for p in [*tables.values(), *figures]]))
+
+        (tmp / "report.md").write_text(render_markdown(blocks))
+        (tmp / "index.html").write_text(render_html(blocks, tmp, f"dpnle report: {run.name}"))
+        _swap_in(tmp, run.report_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = run.report_dir
+    moved_figures = [final / p.relative_to(tmp) for p in figures]
+    moved_tables = {k: final / p.relative_to(tmp) for k, p in tables.items()}
+    run.record_stage("leakage-report", "all", "done", path="report", figures=len(moved_figures),
+                     tables=sorted(moved_tables))
+    return ReportResult(final, final / "index.html", final / "report.md", moved_figures, moved_tables, notes)

@@ -353,17 +353,18 @@ def export(
 
 
 @app.command("leakage-report")
-def leakage_report(run: RunOpt = None, config: ConfigOpt = None) -> None:
-    """Stage 4: leakage of each edit into the concepts it was not aimed at; figures and report."""
-    _not_available("leakage-report")
+def leakage_report(
+    run: RunOpt = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Pick the latest run of this model.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Stage 4: leakage of each edit into the concepts it was not aimed at; tables, figures, report.md and a
+    self-contained index.html under runs/<run>/report/."""
+    from dpnle.report import build_report
 
-
-def _not_available(stage: str) -> None:
-    err_console.print(
-        f"[red]`dpnle {stage}` is not available in this version of dpnle.[/] The pipeline currently runs "
-        "collect-activations and localize; see the README's status table."
-    )
-    raise typer.Exit(code=2)
+    target = _open_run(run, model)
+    result = build_report(target, log=lambda m: console.print(m))
+    console.print(f"[green]report[/] {result.report_md}\n[green]html[/]   {result.index_html}")
 
 
 # ---------------------------------------------------------------------------------------------

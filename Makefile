@@ -21,9 +21,12 @@ endif
 MODEL ?= smollm2-135m-instruct
 RUN ?= demo
 DEMO_PAIRS ?= 64
+DEMO_ITEMS ?= 6
+DEMO_EVAL := --methods dpnle,random,prompt,none --random-draws 1 --benchmarks ipip120,neutral \
+	--scorers likert,statement --limit $(DEMO_ITEMS)
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint clean-venv
+.PHONY: setup test demo demo-values lint clean-venv
 
 setup: $(VENV)/.dpnle-setup
 
@@ -40,13 +43,23 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check dpnle tests benchmarks
 
-# The main job on the embedded default model, at demo size (DEMO_PAIRS pairs per trait instead
-# of the paper's 1,000; `make demo DEMO_PAIRS=1000` for the full setting).
+# The main job on the embedded default model, at demo size: DEMO_PAIRS pairs per trait instead
+# of the paper's 1,000, DEMO_ITEMS questionnaire items per trait, one random control draw.
+# `make demo DEMO_PAIRS=1000 DEMO_ITEMS=24` is the full-size run.
 demo: setup
-	$(DPNLE) data fetch personalitybench
+	$(DPNLE) data fetch personalitybench questionnaires
 	$(DPNLE) collect-activations --model $(MODEL) --run $(RUN) --all-traits --num-pairs $(DEMO_PAIRS)
 	$(DPNLE) localize --run $(RUN) --all
-	$(DPNLE) runs show $(RUN)
+	$(DPNLE) edit-eval --run $(RUN) --all-traits $(DEMO_EVAL)
+	$(DPNLE) leakage-report --run $(RUN)
+
+# The same for Schwartz's ten values, scored on PVQ-40.
+demo-values: setup
+	$(DPNLE) data fetch pvq
+	$(DPNLE) collect-activations --model $(MODEL) --run $(RUN)-values --all-values --num-pairs $(DEMO_PAIRS)
+	$(DPNLE) localize --run $(RUN)-values --all
+	$(DPNLE) edit-eval --run $(RUN)-values --all-values $(subst ipip120,pvq40,$(DEMO_EVAL))
+	$(DPNLE) leakage-report --run $(RUN)-values
 
 clean-venv:
 	rm -rf $(VENV)

@@ -54,7 +54,8 @@ SHIFT_COLUMNS = [
 ]
 TABLE_COLUMNS = [
     "instrument", "scorer", "method", "direction", "gamma", "target", "delta_target", "ci_low", "ci_high",
-    "target_moved", "nlr", "cwl", "nglr", "valid", "n_targets", "n_moved", "n_seeds", "num_neurons", "units",
+    "target_moved", "nlr", "cwl", "nglr", "valid", "n_failed", "n_targets", "n_moved", "n_seeds", "num_neurons",
+    "units",
 ]
 
 
@@ -293,7 +294,8 @@ def leakage_table(rows: pd.DataFrame, validity: pd.DataFrame | None = None, eps:
     ``target_moved``, NLR (and CWL, NGLR for values), ``valid`` (1.0 / 0.0 / NaN: the
     instrument passed / failed / was not checked for that target on this model); then one
     ``target == "mean"`` row: NLR, CWL and NGLR averaged over the targets that moved (``n_moved``
-    of ``n_targets``), the signed target shift averaged over all targets.
+    of ``n_targets``), the signed target shift averaged over all targets, ``valid`` 0.0 if any
+    target failed (``n_failed`` of them).
 
     ``shifts`` may pass precomputed :func:`score_shifts` per (instrument, scorer).
     """
@@ -328,6 +330,7 @@ def leakage_table(rows: pd.DataFrame, validity: pd.DataFrame | None = None, eps:
                     "ci_low": L.at[t, "ci_low_target"], "ci_high": L.at[t, "ci_high_target"],
                     "target_moved": bool(L.at[t, "target_moved"]), "nlr": n_l[t], "cwl": c_l[t],
                     "nglr": g_l[t], "valid": math.nan if flag is None else float(flag),
+                    "n_failed": int(flag is False),
                     "n_targets": 1, "n_moved": int(bool(L.at[t, "target_moved"])),
                     "num_neurons": float(part.loc[part["concept"] == t, "num_neurons"].mean()),
                 })
@@ -340,7 +343,8 @@ def leakage_table(rows: pd.DataFrame, validity: pd.DataFrame | None = None, eps:
                 "nlr": float(ok["nlr"].mean()) if len(ok) else math.nan,
                 "cwl": float(ok["cwl"].mean()) if ok["cwl"].notna().any() else math.nan,
                 "nglr": float(ok["nglr"].mean()) if ok["nglr"].notna().any() else math.nan,
-                "valid": _all_valid(list(frame["valid"])), "n_targets": len(frame), "n_moved": len(ok),
+                "valid": _all_valid(list(frame["valid"])), "n_failed": int(frame["n_failed"].sum()),
+                "n_targets": len(frame), "n_moved": len(ok),
                 "num_neurons": float(frame["num_neurons"].mean()),
             })
     return pd.DataFrame(records, columns=TABLE_COLUMNS)

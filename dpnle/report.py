@@ -13,7 +13,6 @@ Sentences that compare methods are generated from the numbers and only restate t
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as _dt
 import html
 import json
@@ -32,7 +31,7 @@ import pandas as pd
 
 from dpnle import leakage as lk
 from dpnle.concepts import VALUE_ABBREVIATIONS, VALUES
-from dpnle.runs import ArtifactError, Run, parquet_metadata, read_parquet, write_parquet
+from dpnle.runs import ArtifactError, Run, write_parquet
 
 DPI = 110
 FIG_DIR = "figures"
@@ -333,8 +332,13 @@ def fig_neurons_per_layer(selections: dict[str, pd.DataFrame], path: Path) -> Pa
         ax.grid(axis="y", alpha=0.3)
     for ax in axes.flat[len(concepts):]:
         ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("layer", fontsize=8)
+    step = max(1, math.ceil(len(layers) / 12))  # integer layer ticks, at most about 12 per panel
+    axes.flat[0].set_xticks(layers[::step])
+    for idx, ax in enumerate(axes.flat[: len(concepts)]):
+        # The last panel of each column carries the x labels (a short last row leaves gaps above).
+        if idx + ncols >= len(concepts):
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel("layer", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("selected neurons", fontsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -563,24 +567,6 @@ def fig_gamma(shifts: pd.DataFrame, capability: pd.DataFrame | None, cap_label: 
 # reading the run
 
 
-def load_validity_table(run: Run) -> pd.DataFrame:
-    """The validity table, tolerating files that already carry ``instrument`` / ``scorer`` columns
-    (``instruments.validity_check`` writes them; ``evaluate.load_validity`` inserts them again)."""
-    from dpnle.evaluate import load_validity
-
-    with contextlib.suppress(ValueError):
-        return load_validity(run)
-    frames = []
-    for path in sorted((run.eval_dir / "validity").glob("*.parquet")):
-        meta = parquet_metadata(path)
-        frame = read_parquet(path)
-        for position, key in enumerate(("instrument", "scorer")):
-            if key not in frame.columns:
-                frame.insert(position, key, meta.get(key))
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 def capability_series(rows: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
     """Per (concept, method, direction, gamma) one capability number: the first capability
     benchmark's mean score when one was run, else the KL divergence on neutral text."""
@@ -749,10 +735,11 @@ def _comparison_sentences(table: pd.DataFrame, instrument: str, scorer: str) -> 
                 extra = f", CWL {r['cwl']:.2f}, NGLR {r['nglr']:.2f}"
             clauses.append(f"{_label(method)}{gtext}: target change {r['delta_target']:+.3f} on average, "
                            f"{int(r['n_moved'])}/{int(r['n_targets'])} targets moved, {leak}{extra}")
-        invalid = part["valid"].eq(0.0).any()
+        failed = int(part["n_failed"].max())
         prefix = f"**{instrument} / {scorer}, {direction}**"
-        if invalid:
-            prefix += f" (failed validity for some targets: {INVALID_SENTENCE})"
+        if failed:
+            prefix += (f" (failed the validity check for {failed} of {int(part['n_targets'].max())} targets: "
+                       f"for those, {INVALID_SENTENCE})")
         sentences.append(prefix + ": " + "; ".join(clauses) + ".")
     return sentences
 
@@ -774,6 +761,8 @@ def _leakage_display(table: pd.DataFrame, average: bool) -> pd.DataFrame:
                         "moved": "yes" if r.target_moved else "not moved", "NLR": ratio(r.nlr),
                         "CWL": ratio(r.cwl), "NGLR": ratio(r.nglr)})
         rec["valid"] = _valid_text(r.valid)
+        if average and r.valid == 0.0:
+            rec["valid"] = f"FAILED for {r.n_failed}/{r.n_targets}"
         rec["units"] = r.units
         records.append(rec)
     frame = pd.DataFrame(records)
@@ -914,7 +903,7 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None = None) -> ReportResult:
     """Write ``runs/<run>/report/``: Parquet tables, PNG figures, ``report.md`` and ``index.html``."""
-    from dpnle.evaluate import load_eval
+    from dpnle.evaluate import load_eval, load_validity
 
     if not isinstance(run, Run):
         run = Run.open(run)
@@ -933,7 +922,7 @@ def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None
         ]
         blocks += _run_section(run, manifest)
 
-        validity = load_validity_table(run)
+        validity = load_validity(run)
         tables["validity"] = write_parquet(tmp / "validity.parquet", validity,
                                            metadata={"kind": "report", "table": "validity"})
         blocks += _validity_section(validity)

@@ -220,7 +220,8 @@ def test_leakage_table_rows_averages_and_validity(value_rows):
     assert (up.loc[lk.AVERAGE, "n_moved"], up.loc[lk.AVERAGE, "n_targets"]) == (9, 10)
     assert up.loc[lk.AVERAGE, "delta_target"] == pytest.approx(0.5 / 5 * 9 / 10)
     assert up.loc["power", "valid"] == 0.0 and up.loc["security", "valid"] == 1.0
-    assert up.loc[lk.AVERAGE, "valid"] == 0.0
+    assert up.loc[lk.AVERAGE, "valid"] == 0.0 and up.loc[lk.AVERAGE, "n_failed"] == 1
+    assert up.loc["power", "n_failed"] == 1 and up.loc["security", "n_failed"] == 0
     assert up.loc["power", "num_neurons"] == 40
     assert np.isfinite(table["nlr"].dropna()).all()
 

@@ -61,5 +61,36 @@ demo-values: setup
 	$(DPNLE) edit-eval --run $(RUN)-values --all-values $(subst ipip120,pvq40,$(DEMO_EVAL))
 	$(DPNLE) leakage-report --run $(RUN)-values
 
+# Paper tables (DPN-LE's layout) for MODEL: runs whatever is missing — captures for DPN-LE and
+# NPTI, localization, edit-eval — reusing every cached stage, then prints the tables.
+# On a GPU workstation: make paper-tables MODEL=meta-llama/Meta-Llama-3-8B-Instruct JUDGE='openai:https://api.openai.com/v1#gpt-4o'
+JUDGE ?= none
+LIMIT ?= 0
+PAPER_PAIRS ?= 1000
+PAPER_RUN ?= paper-$(notdir $(MODEL))
+PAPER_EVAL := --methods dpnle,dpnle-w,npti,random,prompt,none --gammas 0.8,1 \
+	--benchmarks ipip120,ipip300-test,personalitybench,gsm8k,hotpotqa,neutral --scorers likert,statement \
+	--judge '$(JUDGE)' --capability-limit $(LIMIT) --open-ended-limit $(LIMIT) $(if $(filter-out 0,$(LIMIT)),--limit $(LIMIT))
+
+.PHONY: paper-run table-personality table-capability table-leakage paper-tables
+paper-run: setup
+	$(DPNLE) collect-activations --model $(MODEL) --run $(PAPER_RUN) --all-traits --num-pairs $(PAPER_PAIRS)
+	$(DPNLE) collect-activations --model $(MODEL) --run $(PAPER_RUN) --all-traits --num-pairs $(PAPER_PAIRS) \
+		--site gate --policy response-mean
+	$(DPNLE) localize --run $(PAPER_RUN) --all
+	$(DPNLE) localize --run $(PAPER_RUN) --all --method npti
+	$(DPNLE) edit-eval --run $(PAPER_RUN) --all-traits $(PAPER_EVAL)
+
+table-personality: paper-run
+	$(DPNLE) tables --run $(PAPER_RUN) --kind personality
+table-capability: paper-run
+	$(DPNLE) tables --run $(PAPER_RUN) --kind capability
+table-leakage: paper-run
+	$(DPNLE) leakage-report --run $(PAPER_RUN)
+	$(DPNLE) tables --run $(PAPER_RUN) --kind leakage
+paper-tables: paper-run
+	$(DPNLE) leakage-report --run $(PAPER_RUN)
+	$(DPNLE) tables --run $(PAPER_RUN) --kind all
+
 clean-venv:
 	rm -rf $(VENV)

@@ -40,6 +40,20 @@ def test_local_folder_loads_with_left_padding_and_stable_fingerprint(tmp_path):
     assert changed["config_sha256"] == a.fingerprint["config_sha256"]
 
 
+def test_fingerprint_does_not_depend_on_the_thread_count(tmp_path):
+    folder = _save_tiny_llama(tmp_path / "tiny")
+    loaded = load_model(str(folder), device="cpu")
+    threads = torch.get_num_threads()
+    try:
+        digests = set()
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            digests.add(model_fingerprint(loaded.model, loaded.tokenizer, loaded.model_id)["digest"])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(digests) == 1
+
+
 def test_bad_specs_say_what_is_wrong(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_source(str(tmp_path / "missing.gguf"))

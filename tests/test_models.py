@@ -97,4 +97,11 @@ def test_embedded_model_loads_offline_and_answers(monkeypatch):
     # The second load reads the cached conversion instead of converting again.
     assert (converted / "dpnle_source.json").stat().st_mtime_ns == stamp
     assert again.fingerprint == loaded.fingerprint
+    # A reduction over 28M embedding values differs between thread counts; the digest must not.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert model_fingerprint(again.model, again.tokenizer, again.model_id) == loaded.fingerprint
+    finally:
+        torch.set_num_threads(threads)
     assert loaded.fingerprint["class"] == "LlamaForCausalLM" and loaded.fingerprint["num_layers"] == 30

@@ -647,8 +647,10 @@ def _validity_section(validity: pd.DataFrame) -> list[Block]:
         else:
             statements.append(f"{instrument} / {scorer} passed for every concept checked.")
         if "collapse_testable" in part and not part["collapse_testable"].astype(bool).any():
-            statements.append(f"{instrument} / {scorer}: the instrument has no minus-keyed items, so "
-                              "acquiescence cannot be tested; an answer-level-only response can pass.")
+            reason = ("the instrument has no minus-keyed items" if instrument == "pvq40"
+                      else "too few plus- and minus-keyed items were scored per concept (raise --limit)")
+            statements.append(f"{instrument} / {scorer}: {reason}, so acquiescence cannot be tested; "
+                              "an answer-level-only response can pass.")
     blocks.append(Bullets(statements))
     cols = [c for c in VALIDITY_SHOW if c in validity.columns]
     shown = validity[cols].copy()

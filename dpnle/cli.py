@@ -128,18 +128,23 @@ def collect_activations(
     """Stage 1: run the model over each concept's contrastive pairs and cache the activations.
 
     Resumable: a killed run continues from its last complete shard."""
-    from dpnle.collect import collect_concept
+    from dpnle.collect import check_batch_size, check_options, collect_concept
     from dpnle.models import load_model
     from dpnle.pairs import make_pairs
-    from dpnle.runs import Run
+    from dpnle.runs import InputError, Run
 
     concepts = _concepts(trait, value, all_traits, all_values)
-    batch: int | str = batch_size if batch_size == "auto" else int(batch_size)
+    # Options that cannot work fail here, before minutes of model loading.
+    batch: int | str = check_batch_size(batch_size)
+    check_options(site, policy, batch, shard_size, max_new_tokens)
+    if num_pairs < 1:
+        raise InputError(f"--num-pairs must be at least 1, not {num_pairs}.")
     loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    layer_list = _layer_list(layers, loaded)
+    _check_site_exists(loaded, site, layer_list)
     target = Run.create_or_open(run, loaded.model_id)
     target.update_manifest(model={"id": loaded.model_id, "source": loaded.source, "fingerprint": loaded.fingerprint})
     console.print(f"[bold]run[/] {target.path}  [bold]model[/] {loaded.model_id} ({loaded.fingerprint.get('digest')})")
-    layer_list = _layer_list(layers, loaded)
     for concept in concepts:
         pairs = make_pairs(concept, recipe=recipe, num_pairs=num_pairs, seed=seed, questions_path=questions)
         summary = collect_concept(
@@ -154,10 +159,22 @@ def collect_activations(
 
 def _layer_list(spec: str | None, loaded) -> list[int] | None:
     from dpnle.arch import architecture, parse_layers
+    from dpnle.runs import InputError
 
     if spec is None:
         return None
-    return parse_layers(spec, architecture(loaded.model).num_layers)
+    num_layers = architecture(loaded.model).num_layers
+    try:
+        return parse_layers(spec, num_layers)
+    except ValueError as exc:
+        raise InputError(f"--layers {spec!r}: {exc} Pass e.g. --layers 0-{num_layers - 1} or 0,4,8.") from None
+
+
+def _check_site_exists(loaded, site: str, layers: list[int] | None) -> None:
+    """A site the model lacks (--site gate on GPT-2) fails before any pair is made."""
+    from dpnle.arch import architecture
+
+    architecture(loaded.model).module_for(site, (layers or [0])[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,12 +205,13 @@ def localize(
     """Stage 2: select each concept's neurons from the cached statistics (seconds, no model)."""
     from dpnle import localize as loc
 
+    loc.check_parameters(method, quantile=quantile, d_threshold=d_threshold)
+    concepts = [] if all_captured else _concepts(trait, value, all_traits, all_values)
     target = _open_run(run, model)
     params: dict[str, Any] = {"quantile": quantile, "d_threshold": d_threshold, "layers": layers, "layer": layer}
     if all_captured:
         results = loc.localize_all(target, method=method, **params)
     else:
-        concepts = _concepts(trait, value, all_traits, all_values)
         results = [loc.localize_concept(target, c.name, method=method, **params) for c in concepts]
     for result in results:
         _print_localize(result)
@@ -242,6 +260,18 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _floats(text: str, option: str) -> list[float]:
+    from dpnle.runs import InputError
+
+    values = []
+    for part in _csv(text):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise InputError(f"{option}: {part!r} is not a number; pass e.g. {option} 0.5,1,1.5.") from None
+    return values
+
+
 @app.command("edit-eval")
 def edit_eval(
     trait: TraitOpt = None,
@@ -260,8 +290,8 @@ def edit_eval(
                                                  "perplexity on neutral text), personalitybench.")] = "ipip120,neutral",
     scorers: Annotated[str, typer.Option(help="Questionnaire scorers: likert, statement, yesno.")] = "likert,statement",
     limit: Annotated[int | None, typer.Option(help="Questionnaire items per trait/value (default: all).")] = None,
-    capability_limit: Annotated[int | None, typer.Option(help="Items per capability benchmark (seeded subset).")] = 100,
-    open_ended_limit: Annotated[int | None, typer.Option(help="PersonalityBench test questions per trait.")] = 20,
+    capability_limit: Annotated[int, typer.Option(help="Items per capability benchmark (seeded subset); 0 = all.")] = 100,
+    open_ended_limit: Annotated[int, typer.Option(help="PersonalityBench test questions per trait; 0 = all.")] = 20,
     judge: Annotated[str, typer.Option(help="Open-ended rater: openai:BASE_URL#MODEL, hf:MODEL or none.")] = "none",
     positions: Annotated[str, typer.Option(help="Where the edit applies: all, prompt or generated (a generated-only "
                                                 "edit never touches a log-likelihood score).")] = "all",
@@ -282,14 +312,15 @@ def edit_eval(
     Every condition's rows are saved as soon as it finishes; a re-run computes only what is missing."""
     from dpnle import evaluate as ev
 
-    target = _open_run(run, model)
     concepts = _concepts(trait, value, all_traits, all_values)
     eval_config = ev.EvalConfig(
-        methods=_csv(methods), directions=_csv(directions), gammas=[float(g) for g in _csv(gammas)],
-        benchmarks=_csv(benchmarks), scorers=_csv(scorers), limit=limit, capability_limit=capability_limit,
-        open_ended_limit=open_ended_limit, judge=judge, positions=positions, mode=mode, seed=seed,
+        methods=_csv(methods), directions=_csv(directions), gammas=_floats(gammas, "--gammas"),
+        benchmarks=_csv(benchmarks), scorers=_csv(scorers), limit=limit,
+        capability_limit=capability_limit if capability_limit > 0 else None,
+        open_ended_limit=open_ended_limit if open_ended_limit > 0 else None, judge=judge, positions=positions, mode=mode, seed=seed,
         random_draws=random_draws, batch_size=batch_size, valid_scorers_only=not all_scorers,
     )
+    target = _open_run(run, model)
     loaded = _load_run_model(target, dtype=dtype, device=device, device_map=device_map)
     for concept in concepts:
         result = ev.evaluate_concept(target, loaded, concept.name, eval_config, log=lambda m: console.print(m))
@@ -321,6 +352,34 @@ def _load_run_model(run, dtype: str, device: str | None, device_map: str | None)
             f"run {run.name} was made with (digest {expected}). Restore that model, or start a new run."
         )
     return loaded
+
+
+@app.command("tables")
+def tables(
+    run: RunOpt = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Pick the latest run of this model.")] = None,
+    kind: Annotated[str, typer.Option(help="personality (trait score up/down vs no edit), capability (change vs "
+                                           "no edit, KL, perplexity), leakage, or all.")] = "all",
+    config: ConfigOpt = None,
+) -> None:
+    """Print a run's results as Markdown tables in the DPN-LE paper's layout (from its eval Parquet)."""
+    from dpnle import evaluate as ev
+
+    target = _open_run(run, model)
+    kinds = ["personality", "capability", "leakage"] if kind == "all" else [kind]
+    summary = None
+    for k in kinds:
+        if k == "leakage":
+            from dpnle.leakage import leakage_table
+
+            table = leakage_table(ev.load_eval(target), ev.load_validity(target))
+            table = table[table["target"] == "mean"].drop(columns=["target"])
+        else:
+            if summary is None:
+                summary = ev.summarize(ev.load_eval(target), ev.load_validity(target))
+            table = ev.paper_table(summary, kind=k)
+        console.print(f"\n[bold]{k}[/] ({target.name})")
+        console.print(ev.to_markdown(table.round(4) if k == "leakage" else table), highlight=False, soft_wrap=True)
 
 
 @app.command("export")
@@ -566,20 +625,29 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input or state: shown as one readable message, not a traceback."""
     from dpnle.arch import UnsupportedModelError
     from dpnle.concepts import UnknownConceptError
+    from dpnle.evaluate import EvalError
     from dpnle.models import ModelLoadError
     from dpnle.pairs import PairsError
-    from dpnle.runs import ArtifactError
+    from dpnle.runs import ArtifactError, InputError
 
     errors: list[type[BaseException]] = [
-        UnsupportedModelError, UnknownConceptError, ModelLoadError, PairsError, ArtifactError, FileNotFoundError,
+        UnsupportedModelError, UnknownConceptError, ModelLoadError, PairsError, ArtifactError, InputError,
+        EvalError, FileNotFoundError, FileExistsError,
     ]
-    try:
-        from dpnle.datasets import DatasetError
-
-        errors.append(DatasetError)
-    except ImportError:
-        pass
+    for module, name in (("dpnle.datasets", "DatasetError"), ("dpnle.capability", "CapabilityError"),
+                         ("dpnle.judges", "JudgeError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
     return tuple(errors)
+
+
+def _error_line(message: str) -> None:
+    """One line on stderr: ``error: ...`` (no wrapping, no markup read from the message)."""
+    from rich.markup import escape
+
+    err_console.print(f"[red]error:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -594,7 +662,19 @@ def main(argv: list[str] | None = None) -> None:
     except user_errors() as exc:
         if os.environ.get("DPNLE_DEBUG"):
             raise
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        _error_line(str(exc))
+        sys.exit(2)
+    except OSError as exc:
+        from dpnle.runs import is_disk_full  # ENOSPC, or EDQUOT (a quota used up)
+
+        if not is_disk_full(exc) or os.environ.get("DPNLE_DEBUG"):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        _error_line(
+            f"The disk is full{where} ({exc.strerror or os.strerror(exc.errno)}). Free space there, or point "
+            "DPNLE_RUNS (runs) / DPNLE_CACHE (datasets, models) at a disk with room, then run the same command "
+            "again: finished work is kept and no partial file was left."
+        )
         sys.exit(2)
 
 

@@ -80,7 +80,40 @@ PAIRS_FILE = "pairs.parquet"
 
 def check_policy(policy: str) -> None:
     if policy not in POLICIES:
-        raise ValueError(f"Unknown token policy {policy!r}; choose one of {', '.join(POLICIES)}.")
+        raise runs_io.InputError(f"Unknown token policy {policy!r}; choose one of {', '.join(POLICIES)}.")
+
+
+def check_batch_size(batch_size: int | str) -> int | str:
+    """``batch_size`` as a positive int, or ``"auto"``; anything else is an :class:`InputError`."""
+    if batch_size == "auto":
+        return batch_size
+    message = f"batch_size must be a positive integer or 'auto', not {batch_size!r}: pass e.g. --batch-size 8."
+    if isinstance(batch_size, bool):
+        raise runs_io.InputError(message)
+    try:
+        size = int(batch_size)
+    except (TypeError, ValueError):
+        raise runs_io.InputError(message) from None
+    if size < 1 or (isinstance(batch_size, float) and size != batch_size):
+        raise runs_io.InputError(message)
+    return size
+
+
+def check_options(
+    site: str = "mlp", policy: str = "last", batch_size: int | str = "auto", shard_size: int = 256,
+    max_new_tokens: int = 64,
+) -> None:
+    """Refuse capture options that cannot work, before any model is loaded or file written."""
+    if site not in SITES:
+        raise runs_io.InputError(f"Unknown site {site!r}; choose one of {', '.join(SITES)} (e.g. --site mlp).")
+    check_policy(policy)
+    check_batch_size(batch_size)
+    if int(shard_size) < 1:
+        raise runs_io.InputError(f"shard_size must be at least 1, not {shard_size}: pass e.g. --shard-size 256.")
+    if policy == "response-mean" and int(max_new_tokens) < 1:
+        raise runs_io.InputError(
+            f"max_new_tokens must be at least 1 for --policy response-mean, not {max_new_tokens}."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,10 +257,10 @@ def _normalize_layers(layers: Sequence[int] | None, num_layers: int) -> list[int
     for layer in layers:
         idx = int(layer) + num_layers if int(layer) < 0 else int(layer)
         if not 0 <= idx < num_layers:
-            raise ValueError(f"Layer {layer} is out of range: the model has layers 0-{num_layers - 1}.")
+            raise runs_io.InputError(f"Layer {layer} is out of range: the model has layers 0-{num_layers - 1}.")
         normalized.append(idx)
     if not normalized:
-        raise ValueError("The layer selection is empty; pass None for all layers.")
+        raise runs_io.InputError("The layer selection is empty; pass None for all layers.")
     return sorted(set(normalized))
 
 
@@ -433,13 +466,7 @@ def _resolve_batch_size(
     extra_tokens: int = 0,
 ) -> int:
     if batch_size != "auto":
-        try:
-            size = int(batch_size)
-        except (TypeError, ValueError):
-            raise ValueError(f"batch_size must be a positive integer or 'auto', not {batch_size!r}.") from None
-        if size < 1:
-            raise ValueError(f"batch_size must be a positive integer or 'auto', not {batch_size!r}.")
-        return size
+        return int(check_batch_size(batch_size))
     if device.type != "cuda" or not encoded:
         return CPU_BATCH_SIZE
     longest = max(encoded, key=lambda e: len(e.ids))
@@ -908,10 +935,7 @@ def collect_concept(
     :func:`_shard_assignment`); ``load_activations`` returns them in sample order.
     """
     start = time.perf_counter()
-    check_site(site)
-    check_policy(policy)
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, not {shard_size}.")
+    check_options(site, policy, batch_size, shard_size, max_new_tokens)
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = architecture(model)
     layer_list = _normalize_layers(layers, arch.num_layers)
@@ -924,7 +948,9 @@ def collect_concept(
         fingerprint = model_fingerprint(model, tokenizer, loaded.model_id)
     samples = to_samples(pairs)
     if samples.empty:
-        raise ValueError(f"The pair set for {concept!r} is empty; make pairs with `dpnle data pairs` first.")
+        raise runs_io.InputError(
+            f"The pair set for {concept!r} is empty; make pairs with `dpnle data pairs` first."
+        )
     directory = capture_dir(run, concept, site, policy)
     digest_of_pairs = pairs_digest(pairs)
     key: dict[str, Any] = {
@@ -1064,10 +1090,29 @@ def load_stats(run: runs_io.Run, concept: str, site: str = "mlp", policy: str = 
             f"No activation statistics for {concept!r} ({site}/{policy}) in run {run.name}: {path} is missing. "
             f"Run `{_collect_command(run, concept, site, policy)}` first."
         )
-    manifest = runs_io.read_json(directory / MANIFEST_FILE)
-    width = int(manifest["width"])
-    moments = _read_moments(path, width)
+    fix = (
+        f"Delete it and run `{_collect_command(run, concept, site, policy)}` (with the run's --model and "
+        "options): complete shards are kept and the statistics rebuilt from them."
+    )
+    try:
+        manifest = runs_io.read_json(directory / MANIFEST_FILE)
+        width = int(manifest["width"])
+    except (runs_io.ArtifactError, KeyError, TypeError, ValueError) as exc:
+        raise runs_io.ArtifactError(
+            f"The capture manifest {directory / MANIFEST_FILE} is unreadable or incomplete ({exc}). "
+            f"Re-run `{_collect_command(run, concept, site, policy)} --overwrite`."
+        ) from None
+    try:
+        moments = _read_moments(path, width)
+    except runs_io.ArtifactError as exc:
+        raise runs_io.ArtifactError(f"{exc} For statistics: {fix}") from None
+    except (KeyError, ValueError, TypeError, AssertionError, pa.ArrowException) as exc:
+        raise runs_io.ArtifactError(
+            f"{path} does not hold a capture's statistics ({type(exc).__name__}: {exc}). {fix}"
+        ) from None
     layers = sorted({layer for _, layer in moments})
+    if not layers or any((pole, layer) not in moments for pole in POLES for layer in layers):
+        raise runs_io.ArtifactError(f"{path} lacks the high or low statistics of some layer. {fix}")
 
     def stack(pole: str, value: Any) -> np.ndarray:
         return np.stack([value(moments[pole, layer]) for layer in layers])

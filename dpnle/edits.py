@@ -64,7 +64,7 @@ from dpnle import __version__
 from dpnle.arch import SITES, UnsupportedModelError, architecture, find_decoder_layers
 from dpnle.concepts import cli_flag
 from dpnle.models import LoadedModel
-from dpnle.runs import ArtifactError, Run, now, read_parquet, write_json
+from dpnle.runs import ArtifactError, InputError, Run, now, read_parquet, write_json
 
 EDIT_METHODS = ("dpnle", "dpnle-w", "npti", "caa", "random", "prompt", "none")
 # Methods the evaluator runs without hooks: build_edit returns None for them.
@@ -109,18 +109,18 @@ class Edit:
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
-            raise ValueError(f"Unknown edit site {self.site!r}; choose one of {', '.join(SITES)}.")
+            raise InputError(f"Unknown edit site {self.site!r}; choose one of {', '.join(SITES)}.")
         try:
             gamma = float(self.gamma)
         except (TypeError, ValueError):
-            raise ValueError(f"gamma must be a number, not {self.gamma!r}.") from None
+            raise InputError(f"gamma must be a number, not {self.gamma!r}.") from None
         if not math.isfinite(gamma):
-            raise ValueError(f"gamma must be a finite number, not {self.gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
+            raise InputError(f"gamma must be a finite number, not {self.gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
         self.gamma = gamma
         if self.sign not in (1, -1):
-            raise ValueError(f"sign must be +1 (raise the concept) or -1 (lower it), not {self.sign!r}.")
+            raise InputError(f"sign must be +1 (raise the concept) or -1 (lower it), not {self.sign!r}.")
         if self.positions not in POSITIONS:
-            raise ValueError(f"Unknown position policy {self.positions!r}; choose one of {', '.join(POSITIONS)}.")
+            raise InputError(f"Unknown position policy {self.positions!r}; choose one of {', '.join(POSITIONS)}.")
         self.vectors = {int(layer): _as_layer_vector(layer, idx, delta) for layer, (idx, delta) in self.vectors.items()}
         if self.clamp is not None:
             self.clamp = {int(layer): torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
@@ -160,14 +160,14 @@ class Edit:
         for layer, (idx, delta) in self.vectors.items():
             if idx is None:
                 if delta.numel() != width:
-                    raise ValueError(
+                    raise InputError(
                         f"The {self.method} vector of layer {layer} has {delta.numel()} units, the model's "
                         f"{self.site} site has {width}: the edit was made for another model."
                     )
                 dense[layer] = delta.float() * scale
                 continue
             if idx.numel() and (int(idx.max()) >= width or int(idx.min()) < 0):
-                raise ValueError(
+                raise InputError(
                     f"The {self.method} edit of layer {layer} touches unit {int(idx.max())}, but the model's "
                     f"{self.site} site has {width} units: the edit was made for another model."
                 )
@@ -186,12 +186,12 @@ def _as_layer_vector(layer: int, idx: Any, delta: Any) -> LayerVector:
     delta_t = torch.as_tensor(np.asarray(delta) if not torch.is_tensor(delta) else delta, dtype=torch.float32)
     delta_t = delta_t.reshape(-1)
     if not bool(torch.isfinite(delta_t).all()):
-        raise ValueError(f"The edit vector of layer {layer} holds NaN or inf values; re-run localize.")
+        raise InputError(f"The edit vector of layer {layer} holds NaN or inf values; re-run localize.")
     if idx is None:
         return None, delta_t
     idx_t = torch.as_tensor(np.asarray(idx) if not torch.is_tensor(idx) else idx, dtype=torch.int64).reshape(-1)
     if idx_t.shape != delta_t.shape:
-        raise ValueError(f"Layer {layer}: {idx_t.numel()} neuron indices but {delta_t.numel()} deltas.")
+        raise InputError(f"Layer {layer}: {idx_t.numel()} neuron indices but {delta_t.numel()} deltas.")
     return idx_t, delta_t
 
 
@@ -383,7 +383,7 @@ def _register(edit: Edit, model: nn.Module, prompt_length: int | None) -> EditHa
     width = arch.width(edit.site)
     bad = [layer for layer in edit.layers if not 0 <= layer < arch.num_layers]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"The {edit.method} edit touches layer(s) {bad}, but {arch.model_class} has layers "
             f"0-{arch.num_layers - 1}: the edit was made for another model."
         )
@@ -405,7 +405,7 @@ def _register(edit: Edit, model: nn.Module, prompt_length: int | None) -> EditHa
             if edit.clamp and layer in edit.clamp and edit.clamp[layer].numel():
                 idx = edit.clamp[layer]
                 if int(idx.max()) >= width:
-                    raise ValueError(f"Clamped unit {int(idx.max())} of layer {layer} is beyond the site's {width} units.")
+                    raise InputError(f"Clamped unit {int(idx.max())} of layer {layer} is beyond the site's {width} units.")
                 clamp = torch.zeros(width, dtype=torch.bool).index_fill_(0, idx, True).to(device)
             editor = _LayerEditor(add, clamp, edit.positions, tracker)
             handle._hooks.append(_hook(edit.site, module, editor, handle.calls, layer))
@@ -507,16 +507,16 @@ def build_edit(
     """
     method = method.strip().lower()
     if method not in EDIT_METHODS:
-        raise ValueError(f"Unknown edit method {method!r}; choose one of {', '.join(EDIT_METHODS)}.")
+        raise InputError(f"Unknown edit method {method!r}; choose one of {', '.join(EDIT_METHODS)}.")
     if method in HOOKLESS_METHODS:
         return None
     sign = direction_sign(direction)
     if mode not in MODES:
-        raise ValueError(f"Unknown edit mode {mode!r}; choose one of {', '.join(MODES)}.")
+        raise InputError(f"Unknown edit mode {mode!r}; choose one of {', '.join(MODES)}.")
     if positions not in POSITIONS:
-        raise ValueError(f"Unknown position policy {positions!r}; choose one of {', '.join(POSITIONS)}.")
+        raise InputError(f"Unknown position policy {positions!r}; choose one of {', '.join(POSITIONS)}.")
     if not math.isfinite(float(gamma)):
-        raise ValueError(f"gamma must be a finite number, not {gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
+        raise InputError(f"gamma must be a finite number, not {gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
     run = run if isinstance(run, Run) else Run.open(run)
     meta: dict[str, Any] = {"concept": concept, "direction": direction, "mode": mode, "seed": seed, "run": run.name}
     clamp = None
@@ -554,7 +554,7 @@ def direction_sign(direction: str) -> int:
     try:
         return DIRECTIONS[direction]
     except KeyError:
-        raise ValueError(f"Unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}.") from None
+        raise InputError(f"Unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}.") from None
 
 
 def _selection(run: Run, concept: str, method: str) -> pd.DataFrame:
@@ -694,14 +694,14 @@ def caa_vectors(run: Run, concept: str) -> tuple[dict[int, tuple[None, np.ndarra
 
 def _check_bakeable(edit: Edit) -> None:
     if edit.site != "mlp":
-        raise ValueError(
+        raise InputError(
             f"Only mlp-site edits (dpnle, dpnle-w, random) fold into a bias; this {edit.method} edit is at "
             f"the {edit.site} site ({'non-linear: it clamps activations' if edit.clamp else 'not the MLP output'})."
         )
     if edit.clamp:
-        raise ValueError("An edit that clamps activations is not linear and cannot be baked into a bias.")
+        raise InputError("An edit that clamps activations is not linear and cannot be baked into a bias.")
     if edit.positions != "all":
-        raise ValueError(
+        raise InputError(
             f"A baked bias applies at every position, but this edit's position policy is "
             f"{edit.positions!r}. Build it with positions='all' to export it."
         )
@@ -790,7 +790,7 @@ def export_checkpoint(
     bakes into the given model. ``dpnle_edit.json`` next to the weights says what was baked.
     """
     if edit is None:
-        raise ValueError("Nothing to export: methods prompt and none make no edit.")
+        raise InputError("Nothing to export: methods prompt and none make no edit.")
     _check_bakeable(edit)
     if isinstance(loaded_or_model, LoadedModel):
         model = loaded_or_model.model

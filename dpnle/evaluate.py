@@ -36,7 +36,15 @@ import pandas as pd
 from scipy import stats as sps
 
 from dpnle.concepts import TRAITS, VALUES, get_concept
-from dpnle.runs import ArtifactError, Run, parquet_metadata, read_parquet, write_parquet
+from dpnle.runs import (
+    ArtifactError,
+    InputError,
+    Run,
+    parquet_metadata,
+    read_parquet,
+    remove_temp_files,
+    write_parquet,
+)
 
 METHODS = ("dpnle", "dpnle-w", "npti", "caa", "random", "prompt", "none")
 DIRECTIONS = ("up", "down")
@@ -53,8 +61,8 @@ ROW_COLUMNS = [
 ]
 
 
-class EvalError(ValueError):
-    pass
+class EvalError(InputError):
+    """Bad edit-eval settings (an :class:`InputError`, so a ``ValueError``)."""
 
 
 @dataclass(frozen=True)
@@ -104,8 +112,12 @@ class EvalConfig:
             if direction not in DIRECTIONS:
                 raise EvalError(f"Unknown direction {direction!r}; choose up and/or down.")
         for gamma in self.gammas:
-            if not math.isfinite(float(gamma)):
-                raise EvalError(f"gamma must be a finite number, not {gamma!r}.")
+            try:
+                finite = math.isfinite(float(gamma))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise EvalError(f"gamma must be a finite number, not {gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
         for bench in self.benchmarks:
             if bench not in BENCHMARKS:
                 raise EvalError(f"Unknown benchmark {bench!r}; choose from {', '.join(BENCHMARKS)}.")
@@ -114,6 +126,20 @@ class EvalConfig:
                 raise EvalError(f"Unknown scorer {scorer!r}; choose from {', '.join(SCORERS)}.")
         if self.random_draws < 1:
             raise EvalError("random_draws must be at least 1.")
+        if not (self.methods and self.benchmarks):
+            raise EvalError("Name at least one method and one benchmark (e.g. --methods dpnle,none "
+                            "--benchmarks ipip120).")
+        if any(m not in ("none", "prompt") for m in self.methods) and not self.gammas:
+            raise EvalError("Name at least one edit strength: --gammas 1.")
+        if any(m != "none" for m in self.methods) and not self.directions:
+            raise EvalError("Name at least one direction: --directions up,down.")
+        for name in ("batch_size", "validity_personas"):
+            if int(getattr(self, name)) < 1:
+                raise EvalError(f"{name} must be at least 1, not {getattr(self, name)}.")
+        for name in ("limit", "capability_limit", "open_ended_limit"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise EvalError(f"{name} must be at least 1 (or unset for all items), not {value}.")
 
     @property
     def questionnaires(self) -> list[str]:
@@ -172,13 +198,16 @@ def ensure_validity(run: Run, loaded, instrument: str, scorer: str, config: Eval
     path = validity_path(run, instrument, scorer)
     settings = {"limit": config.limit, "n_personas": config.validity_personas,
                 "model": loaded.fingerprint.get("digest")}
-    if path.exists() and parquet_metadata(path).get("settings") == settings:
-        return read_parquet(path)
+    if path.exists():
+        with contextlib.suppress(ArtifactError):  # an unreadable cached table is computed again
+            if parquet_metadata(path).get("settings") == settings:
+                return read_parquet(path)
     log(f"validity check: {instrument} / {scorer} on {len(instrument_concepts(instrument))} concepts")
     table = validity_check(
         loaded.model, loaded.tokenizer, instrument, scorer, list(instrument_concepts(instrument)),
         n_personas=config.validity_personas, batch_size=config.batch_size, limit=config.limit,
     )
+    remove_temp_files(path)
     write_parquet(path, table, metadata={"kind": "validity", "instrument": instrument, "scorer": scorer,
                                          "settings": settings, "model": loaded.fingerprint})
     return table
@@ -329,6 +358,7 @@ def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
     """Run every condition of ``config`` for ``concept`` (resuming finished ones), then summarize."""
     start = time.perf_counter()
     concept = get_concept(concept).name
+    _check_localizations(run, concept, config)
     for instrument in instruments_for(concept, config):
         for scorer in config.scorers:
             ensure_validity(run, loaded, instrument, scorer, config, log=log)
@@ -346,6 +376,7 @@ def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
                     continue
         t0 = time.perf_counter()
         frame = evaluate_condition(run, loaded, concept, condition, config, scorers)
+        remove_temp_files(path)  # what a killed run left; never read
         write_parquet(path, frame, metadata={
             "kind": "eval", "concept": concept, "condition": asdict(condition), "settings": settings,
             "settings_digest": digest, "model": loaded.fingerprint, "seconds": time.perf_counter() - t0,
@@ -355,11 +386,22 @@ def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
         paths.append(path)
     rows = load_eval(run, concept, [c.key for c in conditions(config)])
     summary = summarize(rows, load_validity(run))
+    remove_temp_files(run.eval_dir / concept / "summary.parquet")
     write_parquet(run.eval_dir / concept / "summary.parquet", summary,
                   metadata={"kind": "eval-summary", "concept": concept, "settings": settings})
     run.record_stage("edit-eval", concept, "done", conditions=[c.key for c in conditions(config)], **settings)
     return EvalResult(concept, [c.key for c in conditions(config)], computed, reused, summary,
                       time.perf_counter() - start, paths)
+
+
+def _check_localizations(run: Run, concept: str, config: EvalConfig) -> None:
+    """Fail before the validity checks (minutes) when an edited method's neurons file is missing,
+    unreadable or from another run."""
+    from dpnle.localize import load_selection
+
+    needed = {"dpnle": "dpnle", "dpnle-w": "dpnle", "random": "dpnle", "npti": "npti", "caa": "caa"}
+    for method in dict.fromkeys(needed[m] for m in config.methods if m in needed):
+        load_selection(run, concept, method)
 
 
 def load_eval(run: Run, concept: str | None = None, keys: Sequence[str] | None = None) -> pd.DataFrame:
@@ -440,17 +482,24 @@ def summarize(rows: pd.DataFrame, validity: pd.DataFrame | None = None) -> pd.Da
     return summary
 
 
-def paper_table(summary: pd.DataFrame) -> pd.DataFrame:
+TABLE_KINDS = ("all", "personality", "capability")
+
+
+def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
     """The DPN-LE paper's layout, per concept and method: neurons edited, target score up and
     down (change vs no edit, with 95% CI), and capability change vs no edit.
 
-    Questionnaire columns are one per (instrument, scorer); capability one per benchmark.
+    Questionnaire and judge columns are one per (benchmark, scorer), capability one per
+    benchmark; ``kind`` keeps the personality columns, the capability columns, or all.
     """
+    if kind not in TABLE_KINDS:
+        raise EvalError(f"Unknown table {kind!r}; choose one of {', '.join(TABLE_KINDS)}.")
     if summary.empty:
         return summary
     out = []
-    target = summary[summary["target"] & summary["benchmark"].isin(QUESTIONNAIRES)]
-    capability = summary[summary["benchmark"].isin(CAPABILITY + (NEUTRAL,))]
+    personality = QUESTIONNAIRES + (OPEN_ENDED,) if kind != "capability" else ()
+    target = summary[summary["target"] & summary["benchmark"].isin(personality)]
+    capability = summary[summary["benchmark"].isin(CAPABILITY + (NEUTRAL,) if kind != "personality" else ())]
     for (concept, method), part in summary.groupby(["concept", "method"], sort=False):
         row: dict[str, Any] = {"concept": concept, "method": method,
                                "neurons": int(part["num_neurons"].max())}
@@ -458,7 +507,8 @@ def paper_table(summary: pd.DataFrame) -> pd.DataFrame:
             ["benchmark", "scorer"], sort=False
         ):
             valid = sub["valid"].iloc[0]
-            tag = f"{bench}/{scorer}" + ("" if valid == 1.0 else " (invalid)" if valid == 0.0 else " (unchecked)")
+            checked = "" if valid == 1.0 else " (invalid)" if valid == 0.0 else " (unchecked)"
+            tag = f"{bench}/{scorer}" + (checked if bench in QUESTIONNAIRES else "")
             for direction in ("up", "down"):
                 d = sub[sub["direction"] == direction]
                 if len(d):

@@ -33,7 +33,16 @@ import pandas as pd
 
 from dpnle.arch import parse_layers
 from dpnle.concepts import ALL_CONCEPTS, cli_flag
-from dpnle.runs import ArtifactError, Run, read_parquet, write_parquet
+from dpnle.runs import (
+    ArtifactError,
+    InputError,
+    Run,
+    parquet_metadata,
+    read_json,
+    read_parquet,
+    remove_temp_files,
+    write_parquet,
+)
 from dpnle.stats import LayerStats, cohens_d
 
 METHODS = ("dpnle", "npti", "caa")
@@ -98,6 +107,30 @@ def model_defaults(model_id: str, config_path: Path | None = None) -> dict[str, 
 
 # ---------------------------------------------------------------------------------------------
 # DPN-LE
+
+
+def check_parameters(
+    method: str = "dpnle",
+    quantile: float | None = None,
+    d_threshold: float | None = None,
+    top_k: int | None = None,
+) -> None:
+    """Refuse a method or threshold that cannot select anything meaningful (None: not given)."""
+    if method not in METHODS:
+        raise InputError(f"Unknown localization method {method!r}; choose one of {', '.join(METHODS)} "
+                         "(e.g. --method dpnle).")
+    if quantile is not None:
+        q = float(quantile)
+        if not 0.0 < q < 1.0:  # also refuses NaN
+            raise InputError(f"quantile must be strictly between 0 and 1, not {quantile}: pass e.g. "
+                             "--quantile 0.995 (keep the top 0.5% of |delta| per layer).")
+    if d_threshold is not None:
+        d = float(d_threshold)
+        if not (d >= 0.0 and math.isfinite(d)):
+            raise InputError(f"d_threshold must be a finite number >= 0, not {d_threshold}: pass e.g. "
+                             "--d-threshold 0.8 (|Cohen's d| above it).")
+    if top_k is not None and int(top_k) < 1:
+        raise InputError(f"top_k must be at least 1, not {top_k}.")
 
 
 def _layer_rows(stats: LayerStats, layers: Sequence[int]) -> np.ndarray:
@@ -167,10 +200,7 @@ def select_dpnle(
     One row per (layer, neuron) of the chosen layers, selected or not, so the thresholds can be
     inspected; ``pole`` is null and ``weight`` NaN for unselected neurons.
     """
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile must be strictly between 0 and 1, not {quantile}.")
-    if d_threshold < 0:
-        raise ValueError(f"d_threshold must be non-negative, not {d_threshold}.")
+    check_parameters("dpnle", quantile=quantile, d_threshold=d_threshold)
     layers = list(stats.layers) if layers is None else [int(x) for x in layers]
     rows = _layer_rows(stats, layers)
     mean_high = np.asarray(stats.mean_high, dtype=np.float64)[rows]
@@ -528,11 +558,12 @@ def check_capture_model(run: Run, stats: LayerStats) -> None:
     capture_model = (stats.meta or {}).get("model") or {}
     ours, theirs = _digest(run_model), _digest(capture_model)
     if ours and theirs and ours != theirs:
+        manifest = _stats_file(run, stats.concept, stats.site, stats.policy).parent / "manifest.json"
         raise ArtifactError(
-            f"The {stats.site}-{stats.policy} capture of {stats.concept!r} was made with model "
+            f"The {stats.site}-{stats.policy} capture of {stats.concept!r} ({manifest}) was made with model "
             f"{capture_model.get('id')!r} (digest {theirs}), but run {run.name} records model "
-            f"{run_model.get('id')!r} (digest {ours}). Re-run collect-activations for this run, "
-            "or localize in the run that made the capture."
+            f"{run_model.get('id')!r} (digest {ours}) in {run.manifest_path}. Re-run collect-activations "
+            "for this run with --overwrite, or localize in the run that made the capture."
         )
 
 
@@ -646,8 +677,7 @@ def localize_concept(
     """
     from dpnle import collect
 
-    if method not in METHODS:
-        raise ValueError(f"Unknown localization method {method!r}; choose one of {', '.join(METHODS)}.")
+    check_parameters(method, quantile=quantile, d_threshold=d_threshold, top_k=top_k)
     site, policy = METHOD_CAPTURE[method]
     stage_key = concept if method == "dpnle" else f"{concept}:{method}"
     stats = collect.load_stats(run, concept, site=site, policy=policy)
@@ -674,7 +704,7 @@ def localize_concept(
             chosen_layers = [x for x in stats.layers if x >= start]
             params["auto"] = auto
         else:
-            chosen_layers = parse_layers(spec, int(num_layers))
+            chosen_layers = _parse_layers(spec, int(num_layers))
         frame = select_dpnle(stats, chosen_layers, quantile=quantile, d_threshold=d_threshold)
         params.update(
             quantile=quantile,
@@ -687,7 +717,7 @@ def localize_concept(
         total = int(frame["selected"].sum())
         total_share = total / (int(num_layers) * width)
     elif method == "npti":
-        chosen_layers = list(stats.layers) if layers is None else parse_layers(layers, int(num_layers))
+        chosen_layers = list(stats.layers) if layers is None else _parse_layers(layers, int(num_layers))
         activations, note = _npti_activations(run, stats, chosen_layers)
         frame = select_npti(
             stats,
@@ -730,6 +760,7 @@ def localize_concept(
         "total_share": None if math.isnan(total_share) else total_share,
         "model_defaults": {k: v for k, v in defaults.items() if k != "config"},
     }
+    remove_temp_files(run.neurons_path(concept, method))  # what a killed run left; never read
     path = write_parquet(run.neurons_path(concept, method), frame, metadata)
     run.record_stage(
         "localize",
@@ -744,18 +775,65 @@ def localize_concept(
     return LocalizeResult(concept, method, path, summary, total, total_share, params)
 
 
+def _parse_layers(spec: str, num_layers: int) -> list[int]:
+    try:
+        return parse_layers(spec, num_layers)
+    except ValueError as exc:
+        raise InputError(f"--layers {spec!r}: {exc} Pass e.g. --layers 0-{num_layers - 1}, 2,5 or auto.") from None
+
+
 def load_selection(run: Run, concept: str, method: str = "dpnle") -> pd.DataFrame:
-    """The selected rows of a localization (CAA: the chosen layer's units)."""
+    """The selected rows of a localization (CAA: the chosen layer's units).
+
+    Refuses a neurons file that is unreadable, lacks the selection column, or was made from
+    another model (or another pair set) than the run's: it would edit the wrong neurons."""
     path = run.neurons_path(concept, method)
+    flag = "" if method == "dpnle" else f" --method {method}"
+    command = f"dpnle localize --run {run.name} {cli_flag(concept)}{flag}"
     if not path.exists():
-        flag = "" if method == "dpnle" else f" --method {method}"
         raise ArtifactError(
-            f"No {method} localization of {concept!r} in run {run.name} ({path}). "
-            f"Run `dpnle localize --run {run.name} {cli_flag(concept)}{flag}` first."
+            f"No {method} localization of {concept!r} in run {run.name} ({path}). Run `{command}` first."
         )
-    frame = read_parquet(path)
+    try:
+        meta = parquet_metadata(path)
+        frame = read_parquet(path)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc} For a neurons file: delete it and run `{command}` (seconds, no model).") from None
     column = "chosen" if method == "caa" else "selected"
+    if column not in frame.columns:
+        raise ArtifactError(
+            f"{path} is not a {method} neurons file (it has no {column!r} column). Delete it and run `{command}`."
+        )
+    _check_selection_provenance(run, concept, method, path, meta, command)
     return frame[frame[column].to_numpy(dtype=bool)].reset_index(drop=True)
+
+
+def _check_selection_provenance(
+    run: Run, concept: str, method: str, path: Path, meta: Mapping[str, Any], command: str
+) -> None:
+    """A neurons file must come from this run's model and from the pairs its capture now holds."""
+    run_model = _run_model(run)
+    file_model = meta.get("model") or {}
+    ours, theirs = _digest(run_model), _digest(file_model)
+    if ours and theirs and ours != theirs:
+        raise ArtifactError(
+            f"{path} was localized on model {file_model.get('id')!r} (digest {theirs}), but run {run.name} "
+            f"records model {run_model.get('id')!r} (digest {ours}): it was copied from another run. Delete it "
+            f"and run `{command}`, or edit in the run that made it."
+        )
+    site, policy = METHOD_CAPTURE.get(method, (None, None))
+    if site is None or not meta.get("pairs_digest"):
+        return
+    manifest_path = _stats_file(run, concept, site, policy).parent / "manifest.json"
+    if not manifest_path.exists():
+        return
+    captured = (read_json(manifest_path).get("pairs") or {}).get("digest")
+    if captured and captured != meta["pairs_digest"]:
+        raise ArtifactError(
+            f"{path} was localized from another pair set than the capture in {manifest_path.parent} now holds "
+            f"(pairs digest {str(meta['pairs_digest'])[:12]} there, {str(captured)[:12]} in the capture). "
+            f"Run `{command}` again."
+        )
 
 
 def edit_vectors(
@@ -878,6 +956,7 @@ def captured_concepts(run: Run, method: str = "dpnle") -> list[str]:
 
 def localize_all(run: Run, method: str = "dpnle", **params: Any) -> list[LocalizeResult]:
     """Localize every captured concept, then write the overlap table (not for CAA)."""
+    check_parameters(method, quantile=params.get("quantile"), d_threshold=params.get("d_threshold"))
     concepts = captured_concepts(run, method)
     if not concepts:
         site, policy = METHOD_CAPTURE[method]
@@ -889,6 +968,7 @@ def localize_all(run: Run, method: str = "dpnle", **params: Any) -> list[Localiz
     if method != "caa" and len(concepts) > 1:
         selections = {r.concept: load_selection(run, r.concept, method) for r in results}
         table = overlap_from_selections(selections)
+        remove_temp_files(overlap_path(run, method))
         write_parquet(
             overlap_path(run, method),
             table,

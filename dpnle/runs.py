@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import glob
 import json
 import os
 import platform
@@ -37,6 +39,18 @@ class ArtifactError(RuntimeError):
 
 class RunNotFoundError(ArtifactError):
     pass
+
+
+class InputError(ValueError):
+    """A parameter value that cannot work (out of range, unknown name); the message names the fix."""
+
+
+# errno values that mean "no room left": a full disk, or a user's quota used up.
+DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
 def now() -> str:
@@ -67,9 +81,13 @@ def software_versions() -> dict[str, str]:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success move it into place, else delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        _raise_if_disk_full(exc, path)
+        raise
     tmp_path = Path(tmp)
     # mkstemp creates 0600 files; artifacts should be as readable as any file the user writes.
     umask = os.umask(0)
@@ -80,10 +98,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        _raise_if_disk_full(exc, path)
         raise
+
+
+def _raise_if_disk_full(exc: BaseException, path: Path) -> None:
+    """Re-raise a full-disk error as an OSError that names the artifact (not its temporary file)."""
+    if is_disk_full(exc):
+        assert isinstance(exc, OSError)
+        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+
+
+def remove_temp_files(path: str | os.PathLike) -> None:
+    """Delete the temporary files a killed :func:`atomic_path` left next to ``path`` (only
+    ``path``'s own: ``.<name>.<random>.tmp``); nothing ever reads them."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
@@ -127,7 +164,8 @@ def write_parquet(
         existing[METADATA_KEY] = json.dumps(metadata, default=_json_default).encode()
         table = table.replace_schema_metadata(existing)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        # Page checksums: a damaged data page is an error on read, not silently wrong numbers.
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
     return Path(path)
 
 
@@ -136,12 +174,19 @@ def read_parquet_table(path: str | os.PathLike, columns: list[str] | None = None
     if not path.exists():
         raise ArtifactError(f"{path} does not exist.")
     try:
-        return pq.read_table(path, columns=columns)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ArtifactError(
-            f"{path} is not a readable Parquet file ({exc}); it is corrupt or truncated. "
-            "Delete it and re-run the stage that writes it."
-        ) from None
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except PermissionError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise _corrupt(path, exc) from None
+
+
+def _corrupt(path: Path, exc: BaseException) -> ArtifactError:
+    reason = " ".join(str(exc).split())
+    return ArtifactError(
+        f"{path} is not a readable Parquet file ({reason}); it is corrupt or truncated. "
+        "Delete it and re-run the stage that writes it."
+    )
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pd.DataFrame:
@@ -151,15 +196,19 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> p
 def parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``dpnle`` provenance block of a Parquet artifact ({} when absent)."""
     path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist.")
     try:
         schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ArtifactError(
-            f"{path} is not a readable Parquet file ({exc}); it is corrupt or truncated. "
-            "Delete it and re-run the stage that writes it."
-        ) from None
+    except PermissionError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise _corrupt(path, exc) from None
     raw = (schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    try:
+        return json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _corrupt(path, exc) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -364,9 +364,14 @@ def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
             ensure_validity(run, loaded, instrument, scorer, config, log=log)
     scorers = condition_scorers(run, concept, config)
     settings = {**config.condition_settings(), "condition_scorers": scorers}
-    digest = _settings_digest({**settings, "model": loaded.fingerprint.get("digest")})
+    localization = localization_digests(run, concept, config.methods)
     computed, reused, paths = [], [], []
     for condition in conditions(config):
+        # A condition is reused only if nothing that made it changed: settings, model, and the
+        # neurons file its method reads.
+        source = _NEURON_SOURCES.get(condition.method)
+        digest = _settings_digest({**settings, "model": loaded.fingerprint.get("digest"),
+                                   "localization": localization.get(source) if source else None})
         path = condition_path(run, concept, condition)
         if path.exists():
             with contextlib.suppress(ArtifactError):
@@ -402,6 +407,19 @@ def _check_localizations(run: Run, concept: str, config: EvalConfig) -> None:
     needed = {"dpnle": "dpnle", "dpnle-w": "dpnle", "random": "dpnle", "npti": "npti", "caa": "caa"}
     for method in dict.fromkeys(needed[m] for m in config.methods if m in needed):
         load_selection(run, concept, method)
+
+
+_NEURON_SOURCES = {"dpnle": "dpnle", "dpnle-w": "dpnle", "random": "dpnle", "npti": "npti", "caa": "caa"}
+
+
+def localization_digests(run: Run, concept: str, methods: Sequence[str]) -> dict[str, str]:
+    """A digest of each neurons file the methods read: re-localizing (new thresholds, layers)
+    makes the edited conditions stale, so they are recomputed instead of reused."""
+    out = {}
+    for source in sorted({_NEURON_SOURCES[m] for m in methods if m in _NEURON_SOURCES}):
+        path = run.neurons_path(concept, source)
+        out[source] = _settings_digest(parquet_metadata(path)) if path.exists() else "missing"
+    return out
 
 
 def load_eval(run: Run, concept: str | None = None, keys: Sequence[str] | None = None) -> pd.DataFrame:

@@ -286,17 +286,19 @@ def pair_split(pair_ids: np.ndarray, seed: int = 0) -> np.ndarray:
 def start_layer_rule(accuracy: Mapping[int, float], threshold: float) -> tuple[int, str, bool]:
     """The start layer from per-layer probe accuracies: (layer, rule, reached threshold).
 
-    1. ``sustained``: the first layer from which every later layer reaches the threshold;
-    2. ``first_crossing``: otherwise the first layer that reaches it (the last layer dips);
+    1. ``sustained``: the first layer that reaches the threshold and from which the mean
+       accuracy over it and every later layer stays at or above it (a mean, not a minimum:
+       one noisy dip near the top must not push the start to the last layers);
+    2. ``first_crossing``: otherwise the first layer that reaches it (later layers fall off);
     3. ``max_accuracy``: otherwise the most separable layer (below threshold; flagged).
     """
     layers = sorted(accuracy)
     acc = np.array([accuracy[layer] for layer in layers])
     ok = acc >= threshold
-    if ok[-1]:
-        failing = np.flatnonzero(~ok)
-        start = 0 if failing.size == 0 else int(failing[-1]) + 1
-        return layers[start], "sustained", True
+    tail_mean = np.cumsum(acc[::-1])[::-1] / np.arange(len(acc), 0, -1)
+    sustained = np.flatnonzero(ok & (tail_mean >= threshold))
+    if sustained.size:
+        return layers[int(sustained[0])], "sustained", True
     if ok.any():
         return layers[int(np.argmax(ok))], "first_crossing", True
     return layers[int(np.argmax(acc))], "max_accuracy", False
@@ -354,7 +356,8 @@ def auto_start_layer(
 
 
 _AUTO_RULES = {
-    "sustained": "first layer from which held-out probe accuracy stays >= {threshold} to the last layer",
+    "sustained": "first layer with held-out probe accuracy >= {threshold} whose mean accuracy over it and all "
+                 "later layers stays >= {threshold}",
     "first_crossing": "first layer with held-out probe accuracy >= {threshold} (later layers dip below it)",
     "max_accuracy": "no layer reaches {threshold}: the layer with the highest held-out probe accuracy",
 }

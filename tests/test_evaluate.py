@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import tiny_llama, tiny_pairs
 from scipy import stats as sps
 
 from dpnle import evaluate as ev
@@ -11,7 +12,6 @@ from dpnle.collect import collect_concept
 from dpnle.localize import localize_concept
 from dpnle.models import LoadedModel, model_fingerprint
 from dpnle.runs import Run, parquet_metadata
-from helpers import tiny_llama, tiny_pairs
 
 
 def test_condition_expansion_and_keys():
@@ -106,3 +106,13 @@ def test_edit_eval_end_to_end_resumes_and_summarizes(tiny_run):
     table = ev.paper_table(third.summary)
     assert list(table["method"]) == ["dpnle", "random", "prompt", "none"]
     assert "| concept | method | neurons |" in ev.to_markdown(table)
+
+
+def test_relocalizing_recomputes_only_the_edited_conditions(tiny_run):
+    run, loaded = tiny_run
+    config = ev.EvalConfig(methods=["dpnle", "none"], directions=["up"], benchmarks=["ipip120"],
+                           scorers=["statement"], limit=1, validity_personas=1, batch_size=8)
+    ev.evaluate_concept(run, loaded, "openness", config, log=lambda m: None)
+    localize_concept(run, "openness", quantile=0.8, d_threshold=0.1, layers="all")
+    again = ev.evaluate_concept(run, loaded, "openness", config, log=lambda m: None)
+    assert again.computed == ["dpnle-up-g1"] and again.reused == ["none"]

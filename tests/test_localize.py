@@ -361,7 +361,8 @@ def test_overlap_matches_python_sets():
         ("meta-llama/Llama-3.1-8B-Instruct", "12-31", 0.8, "*llama-3*8b*"),
         ("Qwen/Qwen2.5-7B-Instruct", "14-27", 0.3, "*qwen2.5*7b*"),
         ("/models/qwen2.5-7b-instruct-q4_k_m.gguf", "14-27", 0.3, "*qwen2.5*7b*"),
-        ("smollm2-135m-instruct", "auto", 0.8, None),
+        ("smollm2-135m-instruct", "11-29", 0.8, "*smollm2-135m*"),
+        ("HuggingFaceTB/SmolLM2-360M-Instruct", "auto", 0.8, None),
         ("meta-llama/Llama-3.2-1B-Instruct", "auto", 0.8, None),
     ],
 )
@@ -381,6 +382,8 @@ def test_start_layer_rule():
     assert loc.start_layer_rule({0: 0.95, 1: 0.99}, 0.9) == (0, "sustained", True)
     assert loc.start_layer_rule({0: 0.5, 1: 0.95, 2: 0.6}, 0.9) == (1, "first_crossing", True)
     assert loc.start_layer_rule({0: 0.5, 1: 0.7, 2: 0.6}, 0.9) == (1, "max_accuracy", False)
+    # One noisy dip high up does not move the start to the top layers.
+    assert loc.start_layer_rule({0: 0.6, 1: 0.92, 2: 0.95, 3: 0.89, 4: 0.93}, 0.9) == (1, "sustained", True)
 
 
 def test_probe_accuracy_and_pair_split():

@@ -36,7 +36,6 @@ N), never on the model or the edit, so every condition of a comparison sees the 
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import random
 import re
@@ -52,6 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dpnle.batching import forward_accepts, input_device, pad_token_id
 from dpnle.datasets import GsmItem, McItem, QaItem
 from dpnle.pairs import render_prompt
 from dpnle.paths import project_data_dir
@@ -118,12 +118,6 @@ class EditLike(Protocol):
 def edit_context(edit: EditLike | None, model: Any, prompt_length: int | None) -> AbstractContextManager[Any]:
     return nullcontext() if edit is None else edit.apply(model, prompt_length=prompt_length)
 
-
-def _device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,12 +242,6 @@ class _Layout:
     prompt_length: int  # P
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
 
 def _layout(batch: Sequence[Continuation], pad_id: int, device: torch.device) -> _Layout:
     """``[left pads | prompt | continuation | right pads]``: every prompt ends at column P."""
@@ -281,12 +269,6 @@ def _layout(batch: Sequence[Continuation], pad_id: int, device: torch.device) ->
     )
 
 
-def _accepts(model: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
 
 def _last_logits(model: Any, layout: _Layout, keep: int) -> torch.Tensor:
     """Float logits of the last ``keep`` columns: [B, keep, V]."""
@@ -297,7 +279,7 @@ def _last_logits(model: Any, layout: _Layout, keep: int) -> torch.Tensor:
         "use_cache": False,
     }
     # Skip the vocabulary projection on the columns nobody reads (most of a long prompt).
-    trimmed = _accepts(model, "logits_to_keep")
+    trimmed = forward_accepts(model, "logits_to_keep")
     if trimmed:
         kwargs["logits_to_keep"] = keep
     logits = model(**kwargs).logits
@@ -337,8 +319,8 @@ def continuation_logprobs(
     """Summed log-probability of each request's continuation given its prompt."""
     if batch_size < 1:
         raise CapabilityError("batch_size must be at least 1.")
-    device = _device(model)
-    pad_id = _pad_id(tokenizer)
+    device = input_device(model)
+    pad_id = pad_token_id(tokenizer)
     out = [0.0] * len(requests)
     # A one-token continuation needs only its prompt's next-token distribution, so choices that
     # share a prompt (MMLU's answer letters) cost one forward pass instead of one each. Exact:
@@ -501,7 +483,7 @@ def _greedy_config(model: Any, tokenizer: Any, max_new_tokens: int, repetition_p
     config.max_new_tokens = max_new_tokens
     config.max_length = None
     config.repetition_penalty = repetition_penalty
-    config.pad_token_id = _pad_id(tokenizer)
+    config.pad_token_id = pad_token_id(tokenizer)
     if config.eos_token_id is None:
         config.eos_token_id = tokenizer.eos_token_id
     return config
@@ -522,8 +504,8 @@ def generate_texts(
     text of each prompt, special tokens removed, stripped."""
     if batch_size < 1:
         raise CapabilityError("batch_size must be at least 1.")
-    device = _device(model)
-    pad_id = _pad_id(tokenizer)
+    device = input_device(model)
+    pad_id = pad_token_id(tokenizer)
     encoded = [_encode_rendered(tokenizer, p) for p in prompts]
     config = _greedy_config(model, tokenizer, max_new_tokens, repetition_penalty)
     outputs = [""] * len(prompts)
@@ -750,8 +732,8 @@ def kl_and_perplexity(
     """
     corpus = list(texts) if texts is not None else load_neutral_texts()
     requests = [_text_request(tokenizer, t) for t in corpus]
-    device = _device(model)
-    pad_id = _pad_id(tokenizer)
+    device = input_device(model)
+    pad_id = pad_token_id(tokenizer)
     kl_sum = nll_base = nll_edit = 0.0
     count = 0
     for index in _batches(_length_order(requests), batch_size):

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from dpnle import runs as runs_io
 from dpnle.arch import SITES, Architecture, architecture, check_site
+from dpnle.batching import input_device, pad_token_id
 from dpnle.concepts import TRAITS
 from dpnle.pairs import pairs_digest, render_prompt, to_samples
 from dpnle.stats import LayerStats, RunningMoments
@@ -235,19 +236,6 @@ def _pad_left(
     )
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first.")
-    return int(pad)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    # With an accelerate device_map the inputs go where the embeddings are.
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
 
 
 def _normalize_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
@@ -571,8 +559,8 @@ def generate_responses(
     """Greedy responses to ``prompts`` (special tokens stripped), in the prompts' order."""
     from transformers import GenerationConfig
 
-    device = _model_device(model)
-    pad_id = _pad_id(tokenizer)
+    device = input_device(model)
+    pad_id = pad_token_id(tokenizer)
     size = CPU_BATCH_SIZE if batch_size == "auto" else int(batch_size)
     if batch_size == "auto" and device.type == "cuda":
         size = 64  # the KV cache, not the activations, bounds generation; halved on OOM below
@@ -619,8 +607,8 @@ def collect(
     check_policy(policy)
     arch = architecture(model)
     layer_list = _normalize_layers(layers, arch.num_layers)
-    device = _model_device(model)
-    pad_id = _pad_id(tokenizer)
+    device = input_device(model)
+    pad_id = pad_token_id(tokenizer)
     if policy == "response-mean" and response_texts is None:
         response_texts = generate_responses(model, tokenizer, prompts, batch_size=batch_size, progress=progress)
     encoded = _encode(tokenizer, prompts, response_texts, policy)
@@ -1022,8 +1010,8 @@ def collect_concept(
 
     try:
         if todo:
-            device = _model_device(model)
-            pad_id = _pad_id(tokenizer)
+            device = input_device(model)
+            pad_id = pad_token_id(tokenizer)
             with _SiteRecorder(arch, site, policy, layer_list) as recorder:
                 probe_set = [encoded[i] for s in todo for i in shards[s]]
                 extra = max_new_tokens if policy == "response-mean" else 0

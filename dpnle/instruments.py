@@ -47,7 +47,6 @@ the user message with :data:`PERSONA_PREFIX`, the framing of DPN-LE's persona pr
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import warnings
 import weakref
@@ -61,6 +60,7 @@ import torch
 from scipy import stats as sps
 from torch import nn
 
+from dpnle.batching import forward_accepts, input_device, pad_token_id
 from dpnle.concepts import Concept, get_concept
 from dpnle.pairs import PERSONA_STATEMENT_TEMPLATE, render_prompt
 
@@ -389,37 +389,13 @@ def open_paren_id(tokenizer: Any) -> int | None:
 # Forward passes
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("The tokenizer has neither a pad nor an eos token to pad batches with.")
-    return int(pad)
 
 
 def _last_logits(model: nn.Module, rows: Sequence[Sequence[int]], pad_id: int, keep: int) -> torch.Tensor:
     """Left-pad ``rows`` into one batch, run the model, return the logits of the last ``keep``
     positions, [batch, keep, vocab] float32 (left padding puts every row's end at -1)."""
-    device = _model_device(model)
+    device = input_device(model)
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -429,12 +405,12 @@ def _last_logits(model: nn.Module, rows: Sequence[Sequence[int]], pad_id: int, k
     input_ids, mask = input_ids.to(device), mask.to(device)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
     # Positions from the mask, so a padded row sees the positions it would see alone.
-    if _accepts(model, "position_ids"):
+    if forward_accepts(model, "position_ids"):
         kwargs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    if _accepts(model, "use_cache"):
+    if forward_accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     # Only the last positions are needed: skip the lm_head on the rest where the model allows.
-    if _accepts(model, "logits_to_keep"):
+    if forward_accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = keep
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
@@ -476,7 +452,7 @@ def _score_choice(
     With ``paren_path``, a "(" token is appended to every prompt and answers that open with a
     separate "(" token are counted too (see the module docstring)."""
     encoded = _encode_prompts(tokenizer, prompts)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     paren = open_paren_id(tokenizer) if paren_path else None
     open_ids = open_paren_token_ids(tokenizer) if paren is not None else []
     if paren is not None:
@@ -511,7 +487,7 @@ def _score_statements(
     if any(len(s) == 0 for s in stmt_ids):
         raise ValueError("A statement tokenizes to no tokens.")
     rows = [p + s for p, s in zip(prompt_ids, stmt_ids, strict=True)]
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     means = np.zeros(len(prompts), dtype=np.float64)
     for idx in _batches([len(r) for r in rows], batch_size):
         lens = [len(stmt_ids[i]) for i in idx]

@@ -303,7 +303,8 @@ def _figure(width: float, height: float):
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    # "tight" grows the canvas to fit suptitles and figure legends of narrow (one-panel) figures.
+    fig.savefig(path, dpi=DPI, facecolor="white", bbox_inches="tight", pad_inches=0.15)
     return path
 
 

@@ -23,7 +23,7 @@ RUN ?= demo
 DEMO_PAIRS ?= 64
 DEMO_ITEMS ?= 6
 DEMO_EVAL := --methods dpnle,random,prompt,none --random-draws 1 --benchmarks ipip120,neutral \
-	--scorers likert,statement --limit $(DEMO_ITEMS)
+	--scorers likert,statement --limit $(DEMO_ITEMS) --validity-personas 2
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo demo-values lint clean-venv

@@ -299,6 +299,8 @@ def edit_eval(
                                            "LOW to lower).")] = "both",
     seed: Annotated[int, typer.Option(help="Seed of subsets, masks and random controls.")] = 0,
     random_draws: Annotated[int, typer.Option(help="Independent random-neuron controls per setting.")] = 2,
+    validity_personas: Annotated[int, typer.Option(help="High and low persona prompts per concept in the "
+                                                        "instrument validity check.")] = 4,
     all_scorers: Annotated[bool, typer.Option(help="Score conditions with every scorer, not only those that "
                                                    "passed the validity check for the target.")] = False,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
@@ -319,6 +321,7 @@ def edit_eval(
         capability_limit=capability_limit if capability_limit > 0 else None,
         open_ended_limit=open_ended_limit if open_ended_limit > 0 else None, judge=judge, positions=positions, mode=mode, seed=seed,
         random_draws=random_draws, batch_size=batch_size, valid_scorers_only=not all_scorers,
+        validity_personas=validity_personas,
     )
     target = _open_run(run, model)
     loaded = _load_run_model(target, dtype=dtype, device=device, device_map=device_map)

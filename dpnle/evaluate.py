@@ -541,11 +541,9 @@ def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
                 continue
             name = f"{bench}" if bench != NEUTRAL else f"neutral {scorer}"
             if method == "none" or bench == NEUTRAL:
-                row[name] = " / ".join(f"{m:.3f}" for m in sub.groupby("direction", sort=False)["mean"].mean())
+                row[name] = _by_direction(sub, "mean", "{:.3f}")
             else:
-                row[f"{name} change"] = " / ".join(
-                    f"{v:+.3f}" for v in sub.groupby("direction", sort=False)["delta"].mean()
-                )
+                row[f"{name} change"] = _by_direction(sub, "delta", "{:+.3f}")
         out.append(row)
     table = pd.DataFrame(out)
     order = {m: i for i, m in enumerate(METHODS)}
@@ -553,6 +551,14 @@ def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
     table = table.iloc[sorted(range(len(table)), key=lambda i: (concepts[table["concept"].iloc[i]],
                                                                order.get(table["method"].iloc[i], 99)))]
     return table.reset_index(drop=True)
+
+
+def _by_direction(part: pd.DataFrame, column: str, fmt: str) -> str:
+    """``up x / down y`` (means over gammas and draws), or the bare value without a direction."""
+    values = part.groupby("direction")[column].mean()
+    if list(values.index) == ["-"]:
+        return fmt.format(values.iloc[0])
+    return " / ".join(f"{d} {fmt.format(values[d])}" for d in ("up", "down") if d in values.index)
 
 
 def _fmt_effect(part: pd.DataFrame) -> str:

@@ -63,6 +63,19 @@ RunOpt = Annotated[
     typer.Option("--run", "-r", help="Run name (folder under runs/) or path. Default: for capture, the model's "
                  "name; for later stages, the most recent run (of --model if given)."),
 ]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(help="accelerate device_map (auto, balanced, sequential) for a model larger than one device; "
+                 "hooks follow each layer to its device."),
+]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
+]
+OffloadOpt = Annotated[
+    Path | None,
+    typer.Option(help="With --device-map: folder for layers offloaded to disk."),
+]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML file of option defaults (see configs/); flags override it."),
@@ -120,16 +133,21 @@ def collect_activations(
     max_new_tokens: Annotated[int, typer.Option(help="Response length for --policy response-mean.")] = 64,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: the best available).")] = None,
-    device_map: Annotated[str | None, typer.Option(help="accelerate device_map, e.g. auto, for models larger "
-                                                        "than one device.")] = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
+    num_processes: Annotated[int, typer.Option(help="Data-parallel capture in N processes started with accelerate "
+                                                    "launch (one per GPU; on a CPU, N gloo processes).")] = 1,
     overwrite: Annotated[bool, typer.Option(help="Discard an existing capture of this concept and start over.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Stage 1: run the model over each concept's contrastive pairs and cache the activations.
 
-    Resumable: a killed run continues from its last complete shard."""
+    Resumable: a killed run continues from its last complete shard. Data parallel under
+    `accelerate launch -m dpnle collect-activations ...` or with --num-processes N."""
+    from dpnle import distributed
     from dpnle.collect import check_batch_size, check_options, collect_concept
-    from dpnle.models import load_model
+    from dpnle.models import default_device, load_model, resolve_source
     from dpnle.pairs import make_pairs
     from dpnle.runs import InputError, Run
 
@@ -139,22 +157,69 @@ def collect_activations(
     check_options(site, policy, batch, shard_size, max_new_tokens)
     if num_pairs < 1:
         raise InputError(f"--num-pairs must be at least 1, not {num_pairs}.")
-    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    if num_processes < 1:
+        raise InputError(f"--num-processes must be at least 1, not {num_processes}.")
+    memory = _max_memory(max_memory)
+    if (num_processes > 1 or distributed.launched()) and device_map is not None:
+        raise InputError(
+            "Data-parallel capture puts a whole model on each process's device; drop --device-map, "
+            "or capture in one process with --device-map for a model larger than one device."
+        )
+    if num_processes > 1 and not distributed.launched():
+        if _ARGV is None:
+            raise InputError("--num-processes works from the dpnle command line; in Python, use accelerate launch.")
+        cpu = (device or default_device()) == "cpu"
+        command, env = distributed.launch_command(
+            num_processes, distributed.strip_option(_ARGV, "--num-processes"), cpu
+        )
+        console.print(f"[bold]launching[/] {num_processes} processes: accelerate launch {' '.join(command[3:])}")
+        raise typer.Exit(distributed.run_launcher(command, env))
+    workers = distributed.workers()
+    say = console.print if workers.is_main else (lambda *a, **k: None)
+    workers.main_first(lambda: resolve_source(model))  # a GGUF is converted once, by the main process
+    loaded = load_model(model, dtype=dtype, device=workers.device or device, device_map=device_map,
+                        max_memory=memory, offload_folder=offload_folder)
     layer_list = _layer_list(layers, loaded)
     _check_site_exists(loaded, site, layer_list)
-    target = Run.create_or_open(run, loaded.model_id)
-    target.update_manifest(model={"id": loaded.model_id, "source": loaded.source, "fingerprint": loaded.fingerprint})
-    console.print(f"[bold]run[/] {target.path}  [bold]model[/] {loaded.model_id} ({loaded.fingerprint.get('digest')})")
+
+    def open_target():
+        target = Run.create_or_open(run, loaded.model_id)
+        if workers.is_main:
+            target.update_manifest(
+                model={"id": loaded.model_id, "source": loaded.source, "fingerprint": loaded.fingerprint}
+            )
+        return target
+
+    target = workers.main_first(open_target)
+    say(f"[bold]run[/] {target.path}  [bold]model[/] {loaded.model_id} ({loaded.fingerprint.get('digest')})"
+        + (f"  [bold]processes[/] {workers.world}" if workers.distributed else ""))
     for concept in concepts:
         pairs = make_pairs(concept, recipe=recipe, num_pairs=num_pairs, seed=seed, questions_path=questions)
         summary = collect_concept(
             target, loaded, concept.name, pairs=pairs, site=site, policy=policy, layers=layer_list,
             batch_size=batch, shard_size=shard_size, overwrite=overwrite, max_new_tokens=max_new_tokens,
+            workers=workers,
         )
-        console.print(
+        say(
             f"[green]captured[/] {concept.name}: {summary.num_samples} samples, {summary.num_tokens} tokens, "
             f"{summary.seconds:.1f} s -> {summary.path}"
         )
+
+
+def _max_memory(spec: str | None) -> dict[int | str, str] | None:
+    """``0=70GiB,1=70GiB,cpu=200GiB`` -> {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'}."""
+    from dpnle.runs import InputError
+
+    if spec is None:
+        return None
+    memory: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        device, sep, amount = part.partition("=")
+        if not sep or not amount.strip():
+            raise InputError(f"--max-memory {spec!r}: write DEVICE=AMOUNT pairs, e.g. 0=70GiB,cpu=200GiB.")
+        device = device.strip()
+        memory[int(device) if device.isdigit() else device] = amount.strip()
+    return memory
 
 
 def _layer_list(spec: str | None, loaded) -> list[int] | None:
@@ -306,7 +371,9 @@ def edit_eval(
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, mps (default: the best available).")] = None,
-    device_map: Annotated[str | None, typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Stage 3: steer each concept with its neurons and measure the trait, the other traits and capability.
@@ -324,7 +391,8 @@ def edit_eval(
         validity_personas=validity_personas,
     )
     target = _open_run(run, model)
-    loaded = _load_run_model(target, dtype=dtype, device=device, device_map=device_map)
+    loaded = _load_run_model(target, dtype=dtype, device=device, device_map=device_map,
+                             max_memory=_max_memory(max_memory), offload_folder=offload_folder)
     for concept in concepts:
         result = ev.evaluate_concept(target, loaded, concept.name, eval_config, log=lambda m: console.print(m))
         console.print(f"[green]{concept.name}[/]: {len(result.computed)} condition(s) computed, "
@@ -339,7 +407,8 @@ def edit_eval(
     console.print(markdown, highlight=False)
 
 
-def _load_run_model(run, dtype: str, device: str | None, device_map: str | None):
+def _load_run_model(run, dtype: str, device: str | None, device_map: str | None, max_memory=None,
+                    offload_folder: Path | None = None):
     """Load the model a run was made with, and refuse one whose weights differ."""
     from dpnle.models import load_model
     from dpnle.runs import ArtifactError
@@ -347,7 +416,8 @@ def _load_run_model(run, dtype: str, device: str | None, device_map: str | None)
     recorded = run.manifest().get("model", {})
     if not recorded.get("id"):
         raise ArtifactError(f"{run.manifest_path} names no model; run `dpnle collect-activations` first.")
-    loaded = load_model(recorded["id"], dtype=dtype, device=device, device_map=device_map)
+    loaded = load_model(recorded["id"], dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                        offload_folder=offload_folder)
     expected = recorded.get("fingerprint", {}).get("digest")
     if expected and loaded.fingerprint.get("digest") != expected:
         raise ArtifactError(
@@ -653,15 +723,24 @@ def _error_line(message: str) -> None:
     err_console.print(f"[red]error:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
 
 
+_ARGV: list[str] | None = None  # the command line, for --num-processes to relaunch itself
+
+
 def main(argv: list[str] | None = None) -> None:
+    global _ARGV
     argv = list(sys.argv[1:] if argv is None else argv)
+    _ARGV = argv
     command = typer.main.get_command(app)
     default_map = None
+    from dpnle.distributed import MainProcessFailed
+
     try:
         config_path = _config_path(argv)
         if config_path is not None:
             default_map = _default_map(command, load_config(config_path))
         command.main(args=argv, prog_name="dpnle", default_map=default_map, standalone_mode=True)
+    except MainProcessFailed:
+        sys.exit(2)  # a data-parallel helper process: the main process shows the error
     except user_errors() as exc:
         if os.environ.get("DPNLE_DEBUG"):
             raise

@@ -52,6 +52,7 @@ from dpnle import runs as runs_io
 from dpnle.arch import SITES, Architecture, architecture, check_site
 from dpnle.batching import input_device, pad_token_id
 from dpnle.concepts import TRAITS
+from dpnle.distributed import Workers
 from dpnle.pairs import pairs_digest, render_prompt, to_samples
 from dpnle.stats import LayerStats, RunningMoments
 
@@ -685,8 +686,11 @@ def _check_key(directory: Path, manifest: dict[str, Any], key: dict[str, Any], n
         f"{_describe_key_value(f, key.get(f), new_manifest)} now"
         for f in differing
     )
+    names = {"pairs": "pair set", "policy": "token policy", "layers": "layer list", "shard_size": "shard size",
+             "max_new_tokens": "response length"}
     raise runs_io.ArtifactError(
-        f"The capture in {directory} was made with a different {', '.join(differing)} ({details}). "
+        f"The capture in {directory} was made with a different {', '.join(names.get(f, f) for f in differing)} "
+        f"({details}). "
         "Pass --overwrite (overwrite=True) to discard it and start over, or use another --run."
     )
 
@@ -911,6 +915,7 @@ def collect_concept(
     overwrite: bool = False,
     max_new_tokens: int = 64,
     progress: bool = True,
+    workers: Workers | None = None,
 ) -> CaptureSummary:
     """Capture ``concept``'s pairs into ``capture_dir(run, concept, site, policy)``, continuing
     a capture that was interrupted.
@@ -921,8 +926,14 @@ def collect_concept(
     partials merged in shard order, so a resumed capture's statistics equal a clean one's bit
     for bit. A shard holds ``shard_size`` samples of similar prompt length (see
     :func:`_shard_assignment`); ``load_activations`` returns them in sample order.
+
+    Data parallel: under ``accelerate launch`` (``workers`` with ``world > 1``) the main process
+    checks and prepares the directory, every process captures every ``world``-th missing shard
+    on its own device, and the main process merges all partials in shard order, so the
+    statistics equal a one-process capture's bit for bit.
     """
     start = time.perf_counter()
+    workers = workers or Workers()
     check_options(site, policy, batch_size, shard_size, max_new_tokens)
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = architecture(model)
@@ -979,22 +990,27 @@ def collect_concept(
     }
 
     manifest_path = directory / MANIFEST_FILE
-    if overwrite and directory.exists():
-        shutil.rmtree(directory)
-    if manifest_path.exists():
-        existing = runs_io.read_json(manifest_path)
-        _check_key(directory, existing, key, manifest)
-        manifest["created"] = existing.get("created", manifest["created"])
-    elif directory.exists() and any(directory.glob("*shard-*.parquet")):
-        raise runs_io.ArtifactError(
-            f"{directory} holds shards but no {MANIFEST_FILE}, so they cannot be checked against this capture. "
-            "Pass --overwrite to discard them and start over."
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    _remove_temp_files(directory)
-    runs_io.write_json(manifest_path, manifest)
-    if not (directory / PAIRS_FILE).exists():
-        runs_io.write_parquet(directory / PAIRS_FILE, pairs, metadata={"kind": "pairs", "digest": digest_of_pairs})
+
+    def prepare() -> None:
+        if overwrite and directory.exists():
+            shutil.rmtree(directory)
+        if manifest_path.exists():
+            existing = runs_io.read_json(manifest_path)
+            _check_key(directory, existing, key, manifest)
+            manifest["created"] = existing.get("created", manifest["created"])
+        elif directory.exists() and any(directory.glob("*shard-*.parquet")):
+            raise runs_io.ArtifactError(
+                f"{directory} holds shards but no {MANIFEST_FILE}, so they cannot be checked against this "
+                "capture. Pass --overwrite to discard them and start over."
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_temp_files(directory)
+        runs_io.write_json(manifest_path, manifest)
+        if not (directory / PAIRS_FILE).exists():
+            runs_io.write_parquet(directory / PAIRS_FILE, pairs, metadata={"kind": "pairs", "digest": digest_of_pairs})
+
+    # The main process alone touches the directory before the capture; its errors reach every process.
+    workers.main_first(prepare if workers.is_main else lambda: None)
 
     prompts = [
         render_prompt(tokenizer, message, prefix)
@@ -1002,22 +1018,28 @@ def collect_concept(
     ]
     encoded = _encode(tokenizer, prompts)
     shards = _shard_assignment(encoded, shard_size)
-    complete = {s for s in range(len(shards)) if _shard_is_complete(directory, s, key_digest)}
-    todo = [s for s in range(len(shards)) if s not in complete]
-    resumed_from = sum(len(shards[s]) for s in complete)
+    # Which shards are missing, as the main process sees them before anyone writes one.
+    todo = workers.from_main(
+        [s for s in range(len(shards)) if not _shard_is_complete(directory, s, key_digest)]
+        if workers.is_main else None
+    )
+    resumed_from = sum(len(shards[s]) for s in range(len(shards)) if s not in set(todo))
+    mine = workers.share(todo)
     stage_params = {"site": site, "policy": policy, "layers": layer_list, "path": str(directory)}
-    run.record_stage("collect", concept, "running", **stage_params)
+    if workers.is_main:
+        run.record_stage("collect", concept, "running", **stage_params)
 
     try:
-        if todo:
+        if mine:
             device = input_device(model)
             pad_id = pad_token_id(tokenizer)
             with _SiteRecorder(arch, site, policy, layer_list) as recorder:
-                probe_set = [encoded[i] for s in todo for i in shards[s]]
+                probe_set = [encoded[i] for s in mine for i in shards[s]]
                 extra = max_new_tokens if policy == "response-mean" else 0
                 size = _resolve_batch_size(batch_size, recorder, model, probe_set, pad_id, device, extra_tokens=extra)
                 manifest["batch_size"] = size
-                runs_io.write_json(manifest_path, manifest)
+                if workers.is_main:
+                    runs_io.write_json(manifest_path, manifest)
                 ctx = _StageContext(
                     model=model, tokenizer=tokenizer, recorder=recorder, samples=samples, prompts=prompts,
                     encoded=encoded, layers=layer_list, width=width, batch_size=size,
@@ -1030,16 +1052,27 @@ def collect_concept(
                 pending: Future[None] | None = None
                 with (
                     ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpnle-shard-writer") as writer,
-                    _Progress(len(samples), f"{concept} {site}/{policy}", progress) as bar,
+                    _Progress(
+                        len(samples) if not workers.distributed else sum(len(shards[s]) for s in mine),
+                        f"{concept} {site}/{policy}" + (f" [process {workers.rank + 1}/{workers.world}]"
+                                                         if workers.distributed else ""),
+                        progress and workers.is_main,
+                    ) as bar,
                 ):
-                    bar.skip(resumed_from)
-                    for shard in todo:
+                    if not workers.distributed:
+                        bar.skip(resumed_from)
+                    for shard in mine:
                         write = _capture_shard(ctx, shard, shards[shard], bar)
                         if pending is not None:
                             pending.result()
                         pending = writer.submit(write)
                     if pending is not None:
                         pending.result()
+        workers.barrier()  # every shard is on disk
+        if not workers.is_main:
+            seconds = time.perf_counter() - start
+            captured = sum(len(shards[s]) for s in mine)
+            return CaptureSummary(concept, site, policy, captured, 0, seconds, directory, resumed_from)
         num_tokens = 0
         total = {(pole, layer): RunningMoments(width) for pole in POLES for layer in layer_list}
         # Shard order, always: the same partials merged in the same order give the same bits.
@@ -1052,10 +1085,11 @@ def collect_concept(
             _moments_table(total, layer_list, width),
             metadata={"kind": "stats", "concept": concept, "key_digest": key_digest, "num_shards": len(shards)},
         )
-        manifest.update(status="done", finished=runs_io.now(), num_tokens=num_tokens)
+        manifest.update(status="done", finished=runs_io.now(), num_tokens=num_tokens, num_processes=workers.world)
         runs_io.write_json(manifest_path, manifest)
     except BaseException as exc:
-        run.record_stage("collect", concept, "failed", error=f"{type(exc).__name__}: {exc}", **stage_params)
+        if workers.is_main:
+            run.record_stage("collect", concept, "failed", error=f"{type(exc).__name__}: {exc}", **stage_params)
         raise
     seconds = time.perf_counter() - start
     run.record_stage(

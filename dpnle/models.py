@@ -137,8 +137,9 @@ def convert_gguf(gguf_path: Path, force: bool = False) -> Path:
         (staging / "dpnle_source.json").write_text(
             json.dumps({"source": str(gguf_path), "sha256_prefix": digest, "dequantized": True}, indent=2)
         )
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        if not (target / "dpnle_source.json").exists():  # another process may have finished first
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -208,9 +209,14 @@ def load_model(
     device: str | None = None,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
     fingerprint: bool = True,
 ) -> LoadedModel:
-    """Load model and tokenizer for ``spec`` in eval mode, padding on the left."""
+    """Load model and tokenizer for ``spec`` in eval mode, padding on the left.
+
+    ``device_map`` (with ``max_memory`` and ``offload_folder``) spreads a model larger than one
+    device over GPUs, the CPU and the disk through accelerate; dpnle's hooks run on whichever
+    device holds their layer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_id, source, is_local = resolve_source(spec)
@@ -223,6 +229,10 @@ def load_model(
         kwargs["device_map"] = device_map
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
+    elif max_memory is not None or offload_folder is not None:
+        raise ModelLoadError("max_memory and offload_folder apply with a device_map (e.g. --device-map auto).")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
@@ -285,16 +295,35 @@ def weights_digest(model: nn.Module, samples_per_tensor: int = 4096) -> str:
     the same digest.
     """
     h = hashlib.sha256()
+    offloaded = _offloaded_weights(model)
     for name, param in model.named_parameters():
         if param.device.type == "meta":
-            h.update(f"{name}:{tuple(param.shape)}:meta".encode())
-            continue
-        flat = param.detach().reshape(-1)
+            if name not in offloaded:
+                h.update(f"{name}:{tuple(param.shape)}:meta".encode())
+                continue
+        value = offloaded.get(name, param)  # an offloaded weight: the copy accelerate keeps off the device
+        flat = value.detach().reshape(-1)
         stride = max(1, flat.numel() // samples_per_tensor)
         sample = flat[::stride][:samples_per_tensor].float().cpu()
         h.update(f"{name}:{tuple(param.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+def _offloaded_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that accelerate offloaded (to the CPU or disk) under a device_map, by name.
+
+    Their module holds a meta tensor; the values sit in the module's hook's ``weights_map``.
+    Reading them lets an offloaded model get the same fingerprint as the same model in memory."""
+    found: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights_map is None:
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.device.type == "meta" and param_name in weights_map:
+                found[f"{module_name}.{param_name}" if module_name else param_name] = weights_map[param_name]
+    return found
 
 
 def model_fingerprint(model: nn.Module, tokenizer: Any, model_id: str) -> dict[str, Any]:

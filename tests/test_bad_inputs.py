@@ -275,3 +275,15 @@ def test_other_os_errors_are_not_disguised(runs, captured, monkeypatch):
     monkeypatch.setattr(pq, "write_table", broken)
     with pytest.raises(OSError, match="Input/output error"):
         main(["localize", "--run", "r", "--trait", "openness", "--layers", "all"])
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--num-processes", "0"], "--num-processes must be at least 1"),
+    (["--num-processes", "2", "--device-map", "auto"], "drop --device-map"),
+    (["--max-memory", "lots"], "DEVICE=AMOUNT"),
+])
+def test_scale_options_refused_before_loading(capsys, runs, extra, expected):
+    # "nobody/nothing" cannot load: reaching the model would be a different error.
+    line = error_line(*run_cli(["collect-activations", "--trait", "openness", "--model", "nobody/nothing", *extra],
+                               capsys))
+    assert expected in line

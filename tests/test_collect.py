@@ -360,13 +360,13 @@ def test_mismatched_capture_is_refused_and_overwrite_starts_over(models, tmp_pat
     model, tokenizer = models["llama"]
     run, loaded = _run(tmp_path), _loaded(model, tokenizer)
     collect_concept(run, loaded, "openness", pairs=tiny_pairs(3), batch_size=4, shard_size=4, progress=False)
-    with pytest.raises(ArtifactError, match=r"different pairs .*--overwrite"):
+    with pytest.raises(ArtifactError, match=r"different pair set .*--overwrite"):
         collect_concept(run, loaded, "openness", pairs=tiny_pairs(3, seed=1), shard_size=4, progress=False)
     other_model, other_tokenizer = tiny_llama(seed=1)
     with pytest.raises(ArtifactError, match=r"different model \(model: tiny-llama \(fingerprint \w+\) there"):
         collect_concept(run, _loaded(other_model, other_tokenizer), "openness", pairs=tiny_pairs(3),
                         shard_size=4, progress=False)
-    with pytest.raises(ArtifactError, match=r"different layers.*\[0, 1, 2, 3\] there, \[2\] now"):
+    with pytest.raises(ArtifactError, match=r"different layer list.*\[0, 1, 2, 3\] there, \[2\] now"):
         collect_concept(run, loaded, "openness", pairs=tiny_pairs(3), layers=[2], shard_size=4, progress=False)
     # Another site or policy is another capture, not a conflict.
     collect_concept(run, loaded, "openness", pairs=tiny_pairs(3), site="resid", shard_size=4, progress=False)

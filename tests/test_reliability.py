@@ -242,7 +242,7 @@ def test_changed_pair_set_against_an_existing_capture(capsys, runs, llama_dir, m
     directory = runs / "r" / "activations" / "openness" / "mlp-last"
     stats = (directory / "stats.parquet").read_bytes()
     line = run_cli(common + ["--seed", "1"], capsys)
-    assert str(directory) in line and "different pairs" in line and "--overwrite" in line
+    assert str(directory) in line and "different pair set" in line and "--overwrite" in line
     assert (directory / "stats.parquet").read_bytes() == stats
 
 

@@ -714,6 +714,50 @@ def _text_request(tokenizer: Any, text: str) -> Continuation:
     return Continuation(tuple(prefix), tuple(body))
 
 
+@dataclass
+class NeutralReference:
+    """The unedited model's next-token log-probabilities on the neutral texts, batch by batch.
+
+    Every condition of an evaluation compares against the same unedited pass; computing it once
+    per process saves one forward pass over the corpus per edited condition."""
+
+    corpus_digest: str
+    batch_size: int
+    log_probs: list[torch.Tensor]  # per batch: [batch, continuation, vocab] float32
+
+
+def _corpus_digest(corpus: Sequence[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\x00".join(corpus).encode()).hexdigest()
+
+
+@torch.no_grad()
+def neutral_reference(
+    model: Any,
+    tokenizer: Any,
+    *,
+    texts: Sequence[str] | None = None,
+    batch_size: int = 8,
+    max_bytes: int = 1 << 30,
+) -> NeutralReference | None:
+    """The unedited pass of :func:`kl_and_perplexity`, kept in memory; None when it would take
+    more than ``max_bytes`` (then every call recomputes it)."""
+    corpus = list(texts) if texts is not None else load_neutral_texts()
+    requests = [_text_request(tokenizer, t) for t in corpus]
+    device = input_device(model)
+    pad_id = pad_token_id(tokenizer)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    tokens = sum(len(r.continuation_ids) for r in requests)
+    if tokens * vocab * 4 > max_bytes:
+        return None
+    kept = []
+    for index in _batches(_length_order(requests), batch_size):
+        layout = _layout([requests[i] for i in index], pad_id, device)
+        kept.append(torch.log_softmax(_continuation_logits(model, layout), dim=-1))
+    return NeutralReference(_corpus_digest(corpus), batch_size, kept)
+
+
 @torch.no_grad()
 def kl_and_perplexity(
     model: Any,
@@ -722,6 +766,7 @@ def kl_and_perplexity(
     edit: EditLike | None = None,
     texts: Sequence[str] | None = None,
     batch_size: int = 8,
+    reference: NeutralReference | None = None,
 ) -> dict[str, float]:
     """Token-averaged KL(unedited || edited) of the next-token distributions over the neutral
     texts, and the perplexity of both models on them.
@@ -729,16 +774,24 @@ def kl_and_perplexity(
     Returns ``kl`` (nats per token), ``perplexity`` (edited; equals the unedited one when
     ``edit`` is None), ``perplexity_unedited``, ``nll`` / ``nll_unedited`` (mean nats per token),
     ``n_tokens`` and ``n_texts``. Without an edit the second pass is skipped and KL is 0 exactly.
+    ``reference`` (from :func:`neutral_reference`, same texts and batch size) replaces the
+    unedited pass.
     """
     corpus = list(texts) if texts is not None else load_neutral_texts()
+    if reference is not None and (reference.corpus_digest != _corpus_digest(corpus)
+                                  or reference.batch_size != batch_size):
+        raise ValueError("The neutral reference was computed on other texts or another batch size.")
     requests = [_text_request(tokenizer, t) for t in corpus]
     device = input_device(model)
     pad_id = pad_token_id(tokenizer)
     kl_sum = nll_base = nll_edit = 0.0
     count = 0
-    for index in _batches(_length_order(requests), batch_size):
+    for number, index in enumerate(_batches(_length_order(requests), batch_size)):
         layout = _layout([requests[i] for i in index], pad_id, device)
-        base = torch.log_softmax(_continuation_logits(model, layout), dim=-1)
+        if reference is not None:
+            base = reference.log_probs[number]
+        else:
+            base = torch.log_softmax(_continuation_logits(model, layout), dim=-1)
         if edit is None:
             edited = base
         else:
@@ -763,6 +816,7 @@ def kl_and_perplexity(
 
 
 __all__ = [
+    "NeutralReference",
     "BENCHMARKS",
     "GENERATION_BENCHMARKS",
     "GSM8K_MAX_NEW_TOKENS",
@@ -783,6 +837,7 @@ __all__ = [
     "generate_texts",
     "gsm8k_correct",
     "kl_and_perplexity",
+    "neutral_reference",
     "load_items",
     "load_neutral_texts",
     "mc_prompt",

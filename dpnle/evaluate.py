@@ -262,6 +262,27 @@ def condition_scorers(run: Run, concept: str, config: EvalConfig) -> dict[str, l
     return chosen
 
 
+# Passes of the unedited model that every condition and concept of an evaluation shares (the
+# no-edit questionnaire scores, the neutral-text reference of the KL): the same model, items and
+# batch size give the same numbers, so one process computes each once.
+_UNEDITED: dict[tuple, tuple[Any, Any]] = {}  # key -> (weak reference to the model, value)
+
+
+def _unedited(loaded, key: tuple, compute):
+    import weakref
+
+    model = loaded.model
+    full_key = (id(model), (loaded.fingerprint or {}).get("digest"), *key)
+    found = _UNEDITED.get(full_key)
+    if found is not None and found[0]() is model:  # not another model at a recycled address
+        return found[1]
+    for stale in [k for k, (ref, _) in _UNEDITED.items() if ref() is None]:
+        del _UNEDITED[stale]
+    value = compute()
+    _UNEDITED[full_key] = (weakref.ref(model), value)
+    return value
+
+
 def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, config: EvalConfig,
                        scorers: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Score every requested benchmark under one condition; one row per item. ``scorers`` maps
@@ -279,8 +300,14 @@ def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, con
     frames: list[pd.DataFrame] = []
     for instrument in instruments_for(concept, config):
         for scorer in (scorers or {}).get(instrument, config.scorers):
-            items = score_items(model, tokenizer, instrument, scorer, persona=persona, edit=edit,
-                                batch_size=config.batch_size, limit=config.limit)
+            def score(instrument=instrument, scorer=scorer) -> pd.DataFrame:
+                return score_items(model, tokenizer, instrument, scorer, persona=persona, edit=edit,
+                                   batch_size=config.batch_size, limit=config.limit)
+
+            if edit is None and persona is None:  # the no-edit scores: the same for every concept
+                items = _unedited(loaded, ("items", instrument, scorer, config.limit, config.batch_size), score)
+            else:
+                items = score()
             frames.append(pd.DataFrame({
                 "benchmark": instrument, "scorer": scorer, "item_id": items["item_id"],
                 "dimension": items["dimension"], "key": items["key"].astype(float), "prompt": "",
@@ -297,7 +324,10 @@ def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, con
                 "chance": rows["chance"].astype(float),
             }))
         elif bench == NEUTRAL:
-            measures = capability.kl_and_perplexity(model, tokenizer, edit=edit, batch_size=config.batch_size)
+            reference = _unedited(loaded, ("neutral", config.batch_size), lambda: capability.neutral_reference(
+                model, tokenizer, batch_size=config.batch_size))
+            measures = capability.kl_and_perplexity(model, tokenizer, edit=edit, batch_size=config.batch_size,
+                                                    reference=reference)
             frames.append(pd.DataFrame({
                 "benchmark": NEUTRAL, "scorer": ["kl", "perplexity", "perplexity_unedited"],
                 "item_id": "all", "dimension": "", "key": np.nan, "prompt": "", "output": "",

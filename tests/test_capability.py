@@ -277,6 +277,23 @@ def test_kl_zero_without_edit_and_positive_with_noise():
     assert noisy_edit.active == 0
 
 
+def test_cached_unedited_pass_gives_the_same_measures():
+    model, tokenizer = tiny_llama()
+    texts = cap.load_neutral_texts()[:5]
+    reference = cap.neutral_reference(model, tokenizer, texts=texts, batch_size=2)
+    assert reference is not None and len(reference.log_probs) == 3
+    for edit in (None, NoiseEdit(scale=2.0)):
+        fresh = cap.kl_and_perplexity(model, tokenizer, texts=texts, edit=edit, batch_size=2)
+        cached = cap.kl_and_perplexity(model, tokenizer, texts=texts, edit=edit, batch_size=2, reference=reference)
+        assert cached == fresh
+    with pytest.raises(ValueError, match="other texts or another batch size"):
+        cap.kl_and_perplexity(model, tokenizer, texts=texts, batch_size=3, reference=reference)
+    with pytest.raises(ValueError, match="other texts"):
+        cap.kl_and_perplexity(model, tokenizer, texts=texts[:4], batch_size=2, reference=reference)
+    # Over the memory budget it is not kept: callers then recompute it.
+    assert cap.neutral_reference(model, tokenizer, texts=texts, batch_size=2, max_bytes=1000) is None
+
+
 def test_perplexity_matches_a_hand_computation():
     model, tokenizer = tiny_llama()
     texts = ["The lake is cold.", "Rice is rinsed before cooking it."]

@@ -108,6 +108,29 @@ def test_edit_eval_end_to_end_resumes_and_summarizes(tiny_run):
     assert "| concept | method | neurons |" in ev.to_markdown(table)
 
 
+def test_unedited_scores_are_computed_once_per_process(tiny_run, monkeypatch):
+    from dpnle import instruments
+
+    run, loaded = tiny_run
+    calls: list[tuple] = []
+    real = instruments.score_items
+
+    def counting(*args, **kwargs):
+        calls.append((kwargs.get("persona"), kwargs.get("edit")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(instruments, "score_items", counting)
+    monkeypatch.setattr(ev, "_UNEDITED", {})
+    config = ev.EvalConfig(methods=["none"], benchmarks=["ipip120"], scorers=["statement"], limit=2, batch_size=8)
+    first = ev.evaluate_condition(run, loaded, "openness", ev.Condition("none"), config)
+    second = ev.evaluate_condition(run, loaded, "extraversion", ev.Condition("none"), config)
+    assert len(calls) == 1  # the second concept's no-edit scores came from the first
+    columns = [c for c in first.columns if c != "concept"]
+    pd.testing.assert_frame_equal(first[columns], second[columns])
+    fresh = real(loaded.model, loaded.tokenizer, "ipip120", "statement", batch_size=8, limit=2)
+    np.testing.assert_array_equal(first["score"].to_numpy(), fresh["score"].to_numpy())
+
+
 def test_relocalizing_recomputes_only_the_edited_conditions(tiny_run):
     run, loaded = tiny_run
     config = ev.EvalConfig(methods=["dpnle", "none"], directions=["up"], benchmarks=["ipip120"],

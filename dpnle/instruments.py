@@ -392,9 +392,19 @@ def open_paren_id(tokenizer: Any) -> int | None:
 
 
 
-def _last_logits(model: nn.Module, rows: Sequence[Sequence[int]], pad_id: int, keep: int) -> torch.Tensor:
+def _last_logits(
+    model: nn.Module, rows: Sequence[Sequence[int]], pad_id: int, keep: int, share_prefix: bool = False
+) -> torch.Tensor:
     """Left-pad ``rows`` into one batch, run the model, return the logits of the last ``keep``
-    positions, [batch, keep, vocab] float32 (left padding puts every row's end at -1)."""
+    positions, [batch, keep, vocab] float32 (left padding puts every row's end at -1).
+
+    With ``share_prefix``, the tokens every row starts with (the chat template, the instruction,
+    a persona) run once and their KV cache serves the whole batch (see :func:`_shared_prefix_logits`).
+    """
+    if share_prefix:
+        shared = _shared_prefix_logits(model, rows, pad_id, keep)
+        if shared is not None:
+            return shared
     device = input_device(model)
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -415,6 +425,81 @@ def _last_logits(model: nn.Module, rows: Sequence[Sequence[int]], pad_id: int, k
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
     return logits[:, -keep:, :].float()
+
+
+MIN_SHARED_PREFIX = 8  # tokens: below this a second forward pass costs more than it saves
+_NO_SHARED_PREFIX: weakref.WeakSet = weakref.WeakSet()  # models whose cache cannot serve a batch
+
+
+def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    first = rows[0]
+    length = min(len(r) for r in rows)
+    for row in rows[1:]:
+        n = 0
+        while n < length and row[n] == first[n]:
+            n += 1
+        length = n
+    return length
+
+
+def _expandable_cache(cache: Any) -> bool:
+    """A DynamicCache of full-attention layers, which can be repeated along the batch."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return (
+        isinstance(cache, DynamicCache)
+        and hasattr(cache, "batch_repeat_interleave")
+        and all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+    )
+
+
+def _shared_prefix_logits(
+    model: nn.Module, rows: Sequence[Sequence[int]], pad_id: int, keep: int
+) -> torch.Tensor | None:
+    """:func:`_last_logits` in two passes: the common prefix of ``rows`` once (batch 1, KV cache
+    kept), then every row's remainder, left-padded, attending to that cache. The attention mask
+    zeroes the padding between prefix and remainder and positions continue from the prefix, so
+    each row sees exactly what it sees in one pass. None when it does not apply (too short a
+    common prefix, a model without a plain dynamic cache): the caller runs the one-pass forward.
+    """
+    if (len(rows) < 2 or model in _NO_SHARED_PREFIX
+            or not (forward_accepts(model, "position_ids") and forward_accepts(model, "use_cache"))):
+        return None
+    # The last ``keep`` positions of every row must lie in its remainder.
+    prefix = min(_common_prefix_length(rows), min(len(r) for r in rows) - keep)
+    if prefix < MIN_SHARED_PREFIX:
+        return None
+    device = input_device(model)
+    head = torch.tensor([list(rows[0][:prefix])], dtype=torch.long, device=device)
+    kwargs: dict[str, Any] = {"input_ids": head, "use_cache": True}
+    if forward_accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
+    cache = getattr(model(**kwargs), "past_key_values", None)
+    if not _expandable_cache(cache):
+        with contextlib.suppress(TypeError):  # remember, so later batches skip the probe
+            _NO_SHARED_PREFIX.add(model)
+        return None
+    cache.batch_repeat_interleave(len(rows))
+    tails = [list(r[prefix:]) for r in rows]
+    width = max(len(t) for t in tails)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    tail_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, t in enumerate(tails):
+        input_ids[i, width - len(t) :] = torch.tensor(t, dtype=torch.long)
+        tail_mask[i, width - len(t) :] = 1
+    input_ids, tail_mask = input_ids.to(device), tail_mask.to(device)
+    mask = torch.cat([torch.ones((len(rows), prefix), dtype=torch.long, device=device), tail_mask], dim=1)
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "position_ids": (prefix + tail_mask.cumsum(dim=1) - 1).clamp(min=prefix),
+        "past_key_values": cache,
+        "use_cache": True,
+    }
+    if forward_accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep
+    out = model(**kwargs)
+    return out.logits[:, -keep:, :].float()
 
 
 def _encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -446,6 +531,7 @@ def _score_choice(
     answer_sets: list[list[int]],
     batch_size: int,
     paren_path: bool,
+    share_prefix: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Renormalized answer probabilities [n, options] and the answers' total mass [n].
 
@@ -461,7 +547,7 @@ def _score_choice(
     mass = np.zeros(len(prompts), dtype=np.float64)
     for idx in _batches([len(e) for e in encoded], batch_size):
         keep = 2 if paren is not None else 1
-        logits = _last_logits(model, [encoded[i] for i in idx], pad, keep=keep)
+        logits = _last_logits(model, [encoded[i] for i in idx], pad, keep=keep, share_prefix=share_prefix)
         p0 = torch.softmax(logits[:, 0, :], dim=-1).double()
         per_option = torch.stack([p0[:, ids].sum(dim=-1) for ids in answer_sets], dim=-1)
         if paren is not None:
@@ -477,7 +563,8 @@ def _score_choice(
 
 
 def _score_statements(
-    model: nn.Module, tokenizer: Any, prompts: Sequence[str], statements: Sequence[str], batch_size: int
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], statements: Sequence[str], batch_size: int,
+    share_prefix: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean log-probability per statement token after each prompt, and the token counts."""
     prompt_ids = _encode_prompts(tokenizer, prompts)
@@ -493,7 +580,7 @@ def _score_statements(
         lens = [len(stmt_ids[i]) for i in idx]
         m = max(lens)
         # Logits at positions -(m+1) .. -2 predict the last m tokens of every (left-padded) row.
-        logits = _last_logits(model, [rows[i] for i in idx], pad, keep=m + 1)[:, :-1, :]
+        logits = _last_logits(model, [rows[i] for i in idx], pad, keep=m + 1, share_prefix=share_prefix)[:, :-1, :]
         logp = torch.log_softmax(logits, dim=-1)
         targets = torch.full((len(idx), m), 0, dtype=torch.long)
         valid = torch.zeros((len(idx), m), dtype=torch.bool)
@@ -523,21 +610,26 @@ def _score_raw(
         for persona, item in combos
     ]
     context = edit.apply(model) if edit is not None else contextlib.nullcontext()
+    # A shared prompt prefix runs once per batch, unless the edit depends on positions: a second
+    # forward pass over a cache would count as generated tokens to a prompt- or generated-only edit.
+    share = getattr(edit, "positions", "all") == "all"
     n = len(combos)
     with torch.inference_mode(), context:
         if scorer == "likert":
             sets = option_token_ids(tokenizer, instrument.scale.letters, case_sensitive=True)
-            probs, mass = _score_choice(model, tokenizer, prompts, sets, batch_size, paren_path=True)
+            probs, mass = _score_choice(model, tokenizer, prompts, sets, batch_size, paren_path=True,
+                                        share_prefix=share)
             raw = probs @ np.asarray(instrument.scale.values)
             return _Scored(raw, [list(map(float, p)) for p in probs], mass, np.zeros(n, dtype=np.int64))
         if scorer == "yesno":
             sets = option_token_ids(tokenizer, ("Yes", "No"), case_sensitive=False)
-            probs, mass = _score_choice(model, tokenizer, prompts, sets, batch_size, paren_path=False)
+            probs, mass = _score_choice(model, tokenizer, prompts, sets, batch_size, paren_path=False,
+                                        share_prefix=share)
             return _Scored(
                 probs[:, 0].copy(), [list(map(float, p)) for p in probs], mass, np.zeros(n, dtype=np.int64)
             )
         means, counts = _score_statements(
-            model, tokenizer, prompts, [item.statement for _, item in combos], batch_size
+            model, tokenizer, prompts, [item.statement for _, item in combos], batch_size, share_prefix=share
         )
         return _Scored(means, [None] * n, np.full(n, np.nan), counts)
 

@@ -912,6 +912,9 @@ def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None
         run = Run.open(run)
     say = log or (lambda _msg: None)
     manifest = run.manifest()
+    # A build killed part-way leaves its temporary folder (never read): clear it away first.
+    for stale in run.path.glob(".report-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=run.path))
     figures: list[Path] = []
     tables: dict[str, Path] = {}

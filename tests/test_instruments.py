@@ -445,3 +445,69 @@ def test_real_instruments_load(mirror_available):
     pvq = ins.load_instrument("pvq40")
     assert len(pvq.items) == 40 and len(pvq.dimensions) == 10
     assert all(item.key == 1 and item.statement.endswith((".", "!", "?")) for item in pvq.items)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared prompt prefixes
+
+
+def _rows_with_common_prefix(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(3, 60, (14,), generator=g).tolist()
+    return [head + torch.randint(3, 60, (n,), generator=g).tolist() for n in (2, 7, 4, 9)]
+
+
+@pytest.mark.parametrize("builder", ["tiny_llama", "tiny_qwen2", "tiny_gpt2", "tiny_gemma3"])
+@pytest.mark.parametrize("keep", [1, 3])
+def test_shared_prefix_logits_equal_one_pass(builder, keep):
+    import helpers
+
+    model, tokenizer = getattr(helpers, builder)()
+    rows = _rows_with_common_prefix()
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        one_pass = ins._last_logits(model, rows, pad, keep=keep)
+        calls = []
+        handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+        try:
+            shared = ins._last_logits(model, rows, pad, keep=keep, share_prefix=True)
+        finally:
+            handle.remove()
+    torch.testing.assert_close(shared, one_pass, rtol=0, atol=2e-5)
+    if builder == "tiny_gemma3":  # sliding-window cache layers: the one-pass forward, after one probe
+        assert ins._shared_prefix_logits(model, rows, pad, keep) is None
+    else:
+        assert len(calls) == 2  # the prefix once, then the remainders
+
+
+def test_shared_prefix_needs_a_long_enough_common_start():
+    model, tokenizer = tiny_llama()
+    rows = [[5, 6, 7, 8, 9], [5, 6, 7, 8, 10, 11]]  # 4 tokens in common: below the minimum
+    assert ins._common_prefix_length(rows) == 4
+    assert ins._shared_prefix_logits(model, rows, tokenizer.pad_token_id, keep=1) is None
+    assert ins._common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 3
+
+
+def test_scores_with_an_edit_are_the_same_with_and_without_prefix_sharing(monkeypatch, tok_split):
+    from test_edits import random_edit
+
+    tokenizer = tok_split
+    model = _tiny_llama_on(tokenizer)
+    inst = _items()
+    edit = random_edit(positions="all", scale=3.0, layers=(0, 1), width=64)
+    results = {}
+    for share in (False, True):
+        real = ins._last_logits
+
+        def forced(m, rows, pad, keep, share_prefix=False, _share=share, _real=real):
+            return _real(m, rows, pad, keep, share_prefix=_share)
+
+        monkeypatch.setattr(ins, "_last_logits", forced)
+        results[share] = {
+            scorer: ins.score_items(model, tokenizer, inst, scorer, edit=edit, persona="A calm, kind person.",
+                                    batch_size=3)["raw"].to_numpy()
+            for scorer in ("likert", "statement", "yesno")
+        }
+        monkeypatch.setattr(ins, "_last_logits", real)
+    for scorer in results[False]:
+        np.testing.assert_allclose(results[True][scorer], results[False][scorer], rtol=0, atol=2e-5, err_msg=scorer)

@@ -215,6 +215,60 @@ def test_rebuild_replaces_the_report(tmp_path):
     assert not [p for p in run.path.iterdir() if p.name.startswith(".report")]
 
 
+_REPORT_VICTIM = """
+import time
+from matplotlib.figure import Figure
+from dpnle import report
+
+real_savefig = Figure.savefig
+
+def slow_savefig(self, *args, **kwargs):
+    real_savefig(self, *args, **kwargs)
+    time.sleep(0.3)
+
+Figure.savefig = slow_savefig
+report.build_report({run!r})
+"""
+
+
+def test_killed_report_leaves_the_old_one_whole_and_rebuilds_the_same(tmp_path):
+    import os
+    import random
+    import signal
+    import sys
+    import time
+
+    from dpnle.runs import read_parquet
+
+    run = make_full_run(tmp_path / "runs")
+    old = report.build_report(run)
+    old_tables = {name: read_parquet(path) for name, path in old.tables.items()}
+    after = random.Random(5).randint(1, 4)  # kill after this many figures of the new build
+    victim = subprocess.Popen([sys.executable, "-c", _REPORT_VICTIM.format(run=str(run.path))],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while len(list(run.path.glob(".report-*/figures/*.png"))) < after:
+            assert victim.poll() is None, victim.stderr.read()
+            assert time.monotonic() < deadline, "the kill point never came"
+            time.sleep(0.01)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    assert list(run.path.glob(".report-*")), "killed too late: the build had finished"
+    # The report a reader finds is still the whole earlier one.
+    assert (run.report_dir / "index.html").read_text() == old.index_html.read_text()
+    rebuilt = report.build_report(run)
+    assert not [p for p in run.path.iterdir() if p.name.startswith(".report")]
+    assert sorted(rebuilt.tables) == sorted(old_tables)
+    for name, path in rebuilt.tables.items():
+        pd.testing.assert_frame_equal(read_parquet(path), old_tables[name], check_exact=True)
+    assert sorted(p.name for p in rebuilt.figures) == sorted(p.name for p in old.figures)
+
+
 def test_localize_only_run(tmp_path):
     run = Run.create_or_open("loc-only", "tiny/model", root=tmp_path)
     for i, concept in enumerate(TRAITS5):

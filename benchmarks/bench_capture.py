@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from dpnle.arch import architecture
-from dpnle.collect import _encode, _length_sorted_batches, _pad_id, _pad_left, collect
+from dpnle.batching import pad_token_id
+from dpnle.collect import _encode, _length_sorted_batches, _pad_left, collect
 from dpnle.models import load_model, resolve_source
 from dpnle.pairs import make_pairs, render_prompt, to_samples
 
@@ -129,7 +130,7 @@ def bare_forward(model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch
     body = model.base_model  # decoder layers + final norm, no lm_head
     device = next(model.parameters()).device
     encoded = _encode(tokenizer, prompts)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     for positions in _length_sorted_batches(encoded, batch_size):
         batch = _pad_left(encoded, positions, pad, device, "last")
         position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)

@@ -143,8 +143,9 @@ def collect_activations(
 ) -> None:
     """Stage 1: run the model over each concept's contrastive pairs and cache the activations.
 
-    Resumable: a killed run continues from its last complete shard. Data parallel under
-    `accelerate launch -m dpnle collect-activations ...` or with --num-processes N."""
+    Resumable: a killed run continues from its last complete shard. Data parallel with
+    --num-processes N, or under `accelerate launch --multi_gpu --num_processes N -m dpnle
+    collect-activations ...`."""
     from dpnle import distributed
     from dpnle.collect import check_batch_size, check_options, collect_concept
     from dpnle.models import default_device, load_model, resolve_source

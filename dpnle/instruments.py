@@ -792,6 +792,14 @@ def default_personas(concepts: Sequence[str | Concept]) -> dict[str, tuple[list[
     return out
 
 
+def min_sign_test_p(n: int) -> float:
+    """The smallest two-sided sign-test p-value ``n`` paired differences can give (all on one side).
+
+    With ``n`` items per concept below 6, the check's sign test cannot reach p < 0.05 whatever
+    the model does: PVQ-40 has 3-6 items per value."""
+    return 1.0 if n < 1 else min(1.0, 2.0 * 0.5**n)
+
+
 def _paired_d(diff: np.ndarray) -> float:
     mean = float(diff.mean())
     sd = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan

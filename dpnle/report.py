@@ -647,6 +647,18 @@ def _validity_section(validity: pd.DataFrame) -> list[Block]:
                               f"for those concepts, {INVALID_SENTENCE}.** It passed for the others.")
         else:
             statements.append(f"{instrument} / {scorer} passed for every concept checked.")
+        if "n_items" in part:
+            from dpnle.instruments import SIGN_TEST_ALPHA, min_sign_test_p
+
+            blocked = [(str(c), int(n)) for c, n in zip(part["concept"], part["n_items"], strict=True)
+                       if min_sign_test_p(int(n)) >= SIGN_TEST_ALPHA]
+            if blocked:
+                listed = ", ".join(f"{c} ({n} items, smallest possible p {min_sign_test_p(n):.3g})"
+                                   for c, n in blocked)
+                statements.append(
+                    f"{instrument} / {scorer}: the sign test cannot reach p < {SIGN_TEST_ALPHA} with the items "
+                    f"scored for {listed}, so these concepts cannot pass whatever the model does. Score more "
+                    "items (a higher --limit) or use an inventory with more items per concept.")
         if "collapse_testable" in part and not part["collapse_testable"].astype(bool).any():
             reason = ("the instrument has no minus-keyed items" if instrument == "pvq40"
                       else "too few plus- and minus-keyed items were scored per concept (raise --limit)")

@@ -511,3 +511,12 @@ def test_scores_with_an_edit_are_the_same_with_and_without_prefix_sharing(monkey
         monkeypatch.setattr(ins, "_last_logits", real)
     for scorer in results[False]:
         np.testing.assert_allclose(results[True][scorer], results[False][scorer], rtol=0, atol=2e-5, err_msg=scorer)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 6, 9])
+def test_min_sign_test_p_is_the_all_one_side_binomial_p(n):
+    from scipy import stats as sps
+
+    expected = 1.0 if n == 0 else sps.binomtest(n, n, 0.5).pvalue
+    assert ins.min_sign_test_p(n) == pytest.approx(expected)
+    assert (ins.min_sign_test_p(n) < ins.SIGN_TEST_ALPHA) == (n >= 6)

@@ -343,3 +343,16 @@ def test_screenshot_script_usage(tmp_path):
     missing = subprocess.run(["bash", str(SCRIPT), str(tmp_path), str(tmp_path / "x.png")], capture_output=True,
                              text=True, timeout=30)
     assert missing.returncode == 1 and "leakage-report" in missing.stderr
+
+
+def test_report_says_when_too_few_items_make_the_check_unpassable(tmp_path):
+    run = Run.create_or_open("few-items", "tiny/model", root=tmp_path)
+    frame = pd.DataFrame({c: [0.0, 0.0] for c in VALIDITY_COLUMNS})
+    frame["instrument"], frame["scorer"], frame["concept"] = "pvq40", "statement", ["power", "universalism"]
+    frame["n_items"] = [3, 6]
+    frame["passed"] = False
+    write_parquet(run.eval_dir / "validity" / "pvq40-statement.parquet", frame,
+                  metadata={"kind": "validity", "instrument": "pvq40", "scorer": "statement"})
+    md = report.build_report(run).report_md.read_text()
+    line = next(l for l in md.splitlines() if "cannot reach" in l)
+    assert "power (3 items, smallest possible p 0.25)" in line and "universalism" not in line

@@ -234,9 +234,9 @@ report.build_report({run!r})
 def test_killed_report_leaves_the_old_one_whole_and_rebuilds_the_same(tmp_path):
     import os
     import random
-    import signal
     import sys
-    import time
+
+    from test_reliability import _kill_when
 
     from dpnle.runs import read_parquet
 
@@ -246,18 +246,7 @@ def test_killed_report_leaves_the_old_one_whole_and_rebuilds_the_same(tmp_path):
     after = random.Random(5).randint(1, 4)  # kill after this many figures of the new build
     victim = subprocess.Popen([sys.executable, "-c", _REPORT_VICTIM.format(run=str(run.path))],
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    try:
-        while len(list(run.path.glob(".report-*/figures/*.png"))) < after:
-            assert victim.poll() is None, victim.stderr.read()
-            assert time.monotonic() < deadline, "the kill point never came"
-            time.sleep(0.01)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
+    _kill_when(victim, lambda: len(list(run.path.glob(".report-*/figures/*.png"))) >= after, timeout=120)
     assert list(run.path.glob(".report-*")), "killed too late: the build had finished"
     # The report a reader finds is still the whole earlier one.
     assert (run.report_dir / "index.html").read_text() == old.index_html.read_text()
@@ -354,5 +343,5 @@ def test_report_says_when_too_few_items_make_the_check_unpassable(tmp_path):
     write_parquet(run.eval_dir / "validity" / "pvq40-statement.parquet", frame,
                   metadata={"kind": "validity", "instrument": "pvq40", "scorer": "statement"})
     md = report.build_report(run).report_md.read_text()
-    line = next(l for l in md.splitlines() if "cannot reach" in l)
+    line = next(text for text in md.splitlines() if "cannot reach" in text)
     assert "power (3 items, smallest possible p 0.25)" in line and "universalism" not in line

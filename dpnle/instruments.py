@@ -509,11 +509,22 @@ def _encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return [list(x) for x in ids]
 
 
-def _batches(lengths: Sequence[int], batch_size: int) -> Iterator[np.ndarray]:
-    # Longest first, so padding waste is small and an out-of-memory error shows at once.
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
+def _batches(
+    lengths: Sequence[int], batch_size: int, groups: Sequence[int] | None = None
+) -> Iterator[np.ndarray]:
+    """Row indices per batch, longest first, so padding waste is small and an out-of-memory
+    error shows at once. With ``groups`` (e.g. the persona of each row), no batch crosses a
+    group, so every batch keeps its group's common prompt prefix for sharing."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if groups is None:
+        parts = [np.arange(len(lengths))]
+    else:
+        labels = np.asarray(groups)
+        parts = [np.flatnonzero(labels == g) for g in dict.fromkeys(labels.tolist())]
+    for part in parts:
+        order = part[np.argsort(-lengths[part], kind="stable")]
+        for start in range(0, len(order), batch_size):
+            yield order[start : start + batch_size]
 
 
 @dataclass
@@ -532,6 +543,7 @@ def _score_choice(
     batch_size: int,
     paren_path: bool,
     share_prefix: bool = False,
+    groups: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Renormalized answer probabilities [n, options] and the answers' total mass [n].
 
@@ -545,7 +557,7 @@ def _score_choice(
         encoded = [e + [paren] for e in encoded]
     probs = np.zeros((len(prompts), len(answer_sets)), dtype=np.float64)
     mass = np.zeros(len(prompts), dtype=np.float64)
-    for idx in _batches([len(e) for e in encoded], batch_size):
+    for idx in _batches([len(e) for e in encoded], batch_size, groups):
         keep = 2 if paren is not None else 1
         logits = _last_logits(model, [encoded[i] for i in idx], pad, keep=keep, share_prefix=share_prefix)
         p0 = torch.softmax(logits[:, 0, :], dim=-1).double()
@@ -564,7 +576,7 @@ def _score_choice(
 
 def _score_statements(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str], statements: Sequence[str], batch_size: int,
-    share_prefix: bool = False,
+    share_prefix: bool = False, groups: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean log-probability per statement token after each prompt, and the token counts."""
     prompt_ids = _encode_prompts(tokenizer, prompts)
@@ -576,7 +588,7 @@ def _score_statements(
     rows = [p + s for p, s in zip(prompt_ids, stmt_ids, strict=True)]
     pad = pad_token_id(tokenizer)
     means = np.zeros(len(prompts), dtype=np.float64)
-    for idx in _batches([len(r) for r in rows], batch_size):
+    for idx in _batches([len(r) for r in rows], batch_size, groups):
         lens = [len(stmt_ids[i]) for i in idx]
         m = max(lens)
         # Logits at positions -(m+1) .. -2 predict the last m tokens of every (left-padded) row.
@@ -613,23 +625,27 @@ def _score_raw(
     # A shared prompt prefix runs once per batch, unless the edit depends on positions: a second
     # forward pass over a cache would count as generated tokens to a prompt- or generated-only edit.
     share = getattr(edit, "positions", "all") == "all"
+    # Several personas (the validity check): batches stay within one persona, whose prompt prefix
+    # then runs once per batch.
+    groups = [k for k, _ in enumerate(personas) for _ in items] if share and len(personas) > 1 else None
     n = len(combos)
     with torch.inference_mode(), context:
         if scorer == "likert":
             sets = option_token_ids(tokenizer, instrument.scale.letters, case_sensitive=True)
             probs, mass = _score_choice(model, tokenizer, prompts, sets, batch_size, paren_path=True,
-                                        share_prefix=share)
+                                        share_prefix=share, groups=groups)
             raw = probs @ np.asarray(instrument.scale.values)
             return _Scored(raw, [list(map(float, p)) for p in probs], mass, np.zeros(n, dtype=np.int64))
         if scorer == "yesno":
             sets = option_token_ids(tokenizer, ("Yes", "No"), case_sensitive=False)
             probs, mass = _score_choice(model, tokenizer, prompts, sets, batch_size, paren_path=False,
-                                        share_prefix=share)
+                                        share_prefix=share, groups=groups)
             return _Scored(
                 probs[:, 0].copy(), [list(map(float, p)) for p in probs], mass, np.zeros(n, dtype=np.int64)
             )
         means, counts = _score_statements(
-            model, tokenizer, prompts, [item.statement for _, item in combos], batch_size, share_prefix=share
+            model, tokenizer, prompts, [item.statement for _, item in combos], batch_size, share_prefix=share,
+            groups=groups,
         )
         return _Scored(means, [None] * n, np.full(n, np.nan), counts)
 

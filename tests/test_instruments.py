@@ -520,3 +520,15 @@ def test_min_sign_test_p_is_the_all_one_side_binomial_p(n):
     expected = 1.0 if n == 0 else sps.binomtest(n, n, 0.5).pvalue
     assert ins.min_sign_test_p(n) == pytest.approx(expected)
     assert (ins.min_sign_test_p(n) < ins.SIGN_TEST_ALPHA) == (n >= 6)
+
+
+def test_batches_never_cross_a_group_and_cover_every_row():
+    lengths = [5, 9, 2, 7, 7, 3, 8, 1, 6]
+    groups = [0, 0, 0, 1, 1, 1, 1, 2, 2]
+    batches = [list(b) for b in ins._batches(lengths, 2, groups)]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len({groups[i] for i in b}) == 1 for b in batches)
+    for g in set(groups):  # longest first within a group
+        rows = [i for b in batches for i in b if groups[i] == g]
+        assert [lengths[i] for i in rows] == sorted((lengths[i] for i in rows), reverse=True)
+    assert [list(b) for b in ins._batches(lengths, 4)] == [[1, 6, 3, 4], [8, 0, 5, 2], [7]]

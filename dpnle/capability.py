@@ -41,7 +41,7 @@ import random
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -743,19 +743,27 @@ def neutral_reference(
 ) -> NeutralReference | None:
     """The unedited pass of :func:`kl_and_perplexity`, kept in memory; None when it would take
     more than ``max_bytes`` (then every call recomputes it)."""
-    corpus = list(texts) if texts is not None else load_neutral_texts()
-    requests = [_text_request(tokenizer, t) for t in corpus]
-    device = input_device(model)
-    pad_id = pad_token_id(tokenizer)
+    corpus, requests, layouts = _neutral_layouts(model, tokenizer, texts, batch_size)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     tokens = sum(len(r.continuation_ids) for r in requests)
     if tokens * vocab * 4 > max_bytes:
         return None
-    kept = []
-    for index in _batches(_length_order(requests), batch_size):
-        layout = _layout([requests[i] for i in index], pad_id, device)
-        kept.append(torch.log_softmax(_continuation_logits(model, layout), dim=-1))
+    kept = [torch.log_softmax(_continuation_logits(model, layout), dim=-1) for layout in layouts]
     return NeutralReference(_corpus_digest(corpus), batch_size, kept)
+
+
+def _neutral_layouts(
+    model: Any, tokenizer: Any, texts: Sequence[str] | None, batch_size: int
+) -> tuple[list[str], list[Continuation], Iterator[_Layout]]:
+    """The neutral corpus (``texts`` or the bundled set), its requests, and its batches laid out
+    on the model's device, in the fixed order both the reference and the edited pass use."""
+    corpus = list(texts) if texts is not None else load_neutral_texts()
+    requests = [_text_request(tokenizer, t) for t in corpus]
+    device = input_device(model)
+    pad_id = pad_token_id(tokenizer)
+    layouts = (_layout([requests[i] for i in index], pad_id, device)
+               for index in _batches(_length_order(requests), batch_size))
+    return corpus, requests, layouts
 
 
 @torch.no_grad()
@@ -777,17 +785,13 @@ def kl_and_perplexity(
     ``reference`` (from :func:`neutral_reference`, same texts and batch size) replaces the
     unedited pass.
     """
-    corpus = list(texts) if texts is not None else load_neutral_texts()
+    corpus, _, layouts = _neutral_layouts(model, tokenizer, texts, batch_size)
     if reference is not None and (reference.corpus_digest != _corpus_digest(corpus)
                                   or reference.batch_size != batch_size):
         raise ValueError("The neutral reference was computed on other texts or another batch size.")
-    requests = [_text_request(tokenizer, t) for t in corpus]
-    device = input_device(model)
-    pad_id = pad_token_id(tokenizer)
     kl_sum = nll_base = nll_edit = 0.0
     count = 0
-    for number, index in enumerate(_batches(_length_order(requests), batch_size)):
-        layout = _layout([requests[i] for i in index], pad_id, device)
+    for number, layout in enumerate(layouts):
         if reference is not None:
             base = reference.log_probs[number]
         else:

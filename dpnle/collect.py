@@ -1023,7 +1023,8 @@ def collect_concept(
         [s for s in range(len(shards)) if not _shard_is_complete(directory, s, key_digest)]
         if workers.is_main else None
     )
-    resumed_from = sum(len(shards[s]) for s in range(len(shards)) if s not in set(todo))
+    missing = set(todo)
+    resumed_from = sum(len(shards[s]) for s in range(len(shards)) if s not in missing)
     mine = workers.share(todo)
     stage_params = {"site": site, "policy": policy, "layers": layer_list, "path": str(directory)}
     if workers.is_main:

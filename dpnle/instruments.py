@@ -405,14 +405,7 @@ def _last_logits(
         shared = _shared_prefix_logits(model, rows, pad_id, keep)
         if shared is not None:
             return shared
-    device = input_device(model)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
+    input_ids, mask = _left_pad(rows, pad_id, input_device(model))
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
     # Positions from the mask, so a padded row sees the positions it would see alone.
     if forward_accepts(model, "position_ids"):
@@ -425,6 +418,17 @@ def _last_logits(
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
     return logits[:, -keep:, :].float()
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` left-padded into (input_ids, attention_mask), both [batch, longest] long, on ``device``."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return input_ids.to(device), mask.to(device)
 
 
 MIN_SHARED_PREFIX = 8  # tokens: below this a second forward pass costs more than it saves
@@ -480,14 +484,7 @@ def _shared_prefix_logits(
             _NO_SHARED_PREFIX.add(model)
         return None
     cache.batch_repeat_interleave(len(rows))
-    tails = [list(r[prefix:]) for r in rows]
-    width = max(len(t) for t in tails)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    tail_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, t in enumerate(tails):
-        input_ids[i, width - len(t) :] = torch.tensor(t, dtype=torch.long)
-        tail_mask[i, width - len(t) :] = 1
-    input_ids, tail_mask = input_ids.to(device), tail_mask.to(device)
+    input_ids, tail_mask = _left_pad([r[prefix:] for r in rows], pad_id, device)
     mask = torch.cat([torch.ones((len(rows), prefix), dtype=torch.long, device=device), tail_mask], dim=1)
     kwargs = {
         "input_ids": input_ids,

@@ -627,6 +627,8 @@ VALIDITY_SHOW = ("instrument", "scorer", "concept", "passed", "cohens_d", "sign_
 
 
 def _validity_section(validity: pd.DataFrame) -> list[Block]:
+    from dpnle.instruments import SIGN_TEST_ALPHA, min_sign_test_p
+
     blocks: list[Block] = [Heading("Validity of the instruments on this model")]
     if validity.empty:
         blocks.append(Text("No validity check is stored: edit-eval runs it before scoring any questionnaire. "
@@ -648,8 +650,6 @@ def _validity_section(validity: pd.DataFrame) -> list[Block]:
         else:
             statements.append(f"{instrument} / {scorer} passed for every concept checked.")
         if "n_items" in part:
-            from dpnle.instruments import SIGN_TEST_ALPHA, min_sign_test_p
-
             blocked = [(str(c), int(n)) for c, n in zip(part["concept"], part["n_items"], strict=True)
                        if min_sign_test_p(int(n)) >= SIGN_TEST_ALPHA]
             if blocked:

@@ -8,10 +8,16 @@ left, has pad / eos / bos tokens and a small chat template, so that
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -157,3 +163,29 @@ def tiny_pairs(num_pairs: int = 6, seed: int = 0, concept: str = "openness") -> 
     frame = pd.DataFrame(rows)
     frame["pair_id"] = frame["pair_id"].astype(np.int64)
     return frame[PAIR_COLUMNS]
+
+
+def save_model(folder: Path, builder: Callable[[], tuple[torch.nn.Module, Any]] = tiny_llama) -> Path:
+    """Save ``builder()``'s model and tokenizer into ``folder``, like a downloaded checkpoint."""
+    model, tokenizer = builder()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def kill_when(victim: subprocess.Popen, ready: Callable[[], bool], delay: float = 0.0, timeout: float = 90.0) -> None:
+    """SIGKILL ``victim`` ``delay`` seconds after ``ready()`` first holds."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if victim.poll() is not None:
+                pytest.fail(f"the victim ended before the kill point: {victim.stderr.read()}")
+            assert time.monotonic() < deadline, "the kill point never came"
+            time.sleep(0.005)
+        time.sleep(delay)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()

@@ -14,7 +14,7 @@ import urllib.request
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import tiny_gpt2, tiny_llama, tiny_pairs
+from helpers import save_model, tiny_gpt2, tiny_llama, tiny_pairs
 
 from dpnle import localize as loc
 from dpnle.cli import main
@@ -51,11 +51,7 @@ def runs(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
     """A model without a gated MLP, saved like a downloaded one."""
-    folder = tmp_path_factory.mktemp("gpt2")
-    model, tokenizer = tiny_gpt2()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_model(tmp_path_factory.mktemp("gpt2"), tiny_gpt2)
 
 
 @pytest.fixture(scope="module")

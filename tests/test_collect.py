@@ -1,10 +1,8 @@
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from helpers import TINY_MODELS, tiny_llama, tiny_pairs
+from helpers import TINY_MODELS, kill_when, save_model, tiny_llama, tiny_pairs
 
 from dpnle import collect as collect_mod
 from dpnle.arch import UnsupportedModelError, architecture
@@ -428,29 +426,14 @@ _VICTIM = textwrap.dedent(
 def test_killed_capture_resumes_to_the_same_statistics(tmp_path):
     from dpnle.models import load_model
 
-    model, tokenizer = tiny_llama()
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_model(tmp_path / "model")
     num_pairs = 8
     code = _VICTIM.format(tests=str(TESTS_DIR), model=str(model_dir), root=str(tmp_path), num_pairs=num_pairs)
     env = {**os.environ, "DPNLE_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
     victim = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     directory = tmp_path / "killed" / "activations" / "openness" / "mlp-last"
-    try:
-        deadline = time.monotonic() + 120
-        while not (directory / "shard-00000.parquet").exists():
-            if victim.poll() is not None:
-                pytest.fail(f"the capture ended before its first shard: {victim.stderr.read()}")
-            assert time.monotonic() < deadline, "no shard appeared within 120 s"
-            time.sleep(0.01)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
+    kill_when(victim, lambda: (directory / "shard-00000.parquet").exists(), timeout=120)
     assert not (directory / "stats.parquet").exists(), "killed too late: the capture had finished"
 
     # The same model, loaded the same way, in this process (one thread, like the victim).

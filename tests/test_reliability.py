@@ -13,17 +13,15 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_llama, tiny_pairs
+from helpers import kill_when, save_model, tiny_llama, tiny_pairs
 
 from dpnle import evaluate as ev
 from dpnle import localize as loc
@@ -224,11 +222,7 @@ def test_neurons_file_from_another_pair_set_is_refused(runs, templates):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llama")
-    model, tokenizer = tiny_llama()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_model(tmp_path_factory.mktemp("llama"))
 
 
 def test_changed_pair_set_against_an_existing_capture(capsys, runs, llama_dir, mirror_available):
@@ -248,24 +242,6 @@ def test_changed_pair_set_against_an_existing_capture(capsys, runs, llama_dir, m
 
 # ---------------------------------------------------------------------------------------------
 # kill -9
-
-
-def _kill_when(victim: subprocess.Popen, ready, delay: float = 0.0, timeout: float = 90.0) -> None:
-    """SIGKILL ``victim`` ``delay`` seconds after ``ready()`` first holds."""
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready():
-            if victim.poll() is not None:
-                pytest.fail(f"the victim ended before the kill point: {victim.stderr.read()}")
-            assert time.monotonic() < deadline, "the kill point never came"
-            time.sleep(0.005)
-        time.sleep(delay)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
 
 
 def _spawn(code: str, tmp_path: Path) -> subprocess.Popen:
@@ -320,7 +296,7 @@ def test_killed_localize_resumes_to_the_same_artifacts(tmp_path, templates):
     after, delay = rng.randint(1, len(CONCEPTS)), rng.uniform(0.0, 0.3)
     victim = _spawn(_LOCALIZE_VICTIM.format(run=str(killed.path), params=LOCALIZE), tmp_path)
     neurons = killed.path / "neurons"
-    _kill_when(victim, lambda: len([p for p in neurons.glob("*.parquet") if p.stem in CONCEPTS]) >= after,
+    kill_when(victim, lambda: len([p for p in neurons.glob("*.parquet") if p.stem in CONCEPTS]) >= after,
                delay=delay)
     assert not (neurons / "overlap.parquet").exists(), "killed too late: the stage had finished"
     _assert_nothing_half_written(killed.path)
@@ -376,7 +352,7 @@ def test_killed_edit_eval_resumes_to_the_same_conditions(tmp_path, llama_dir):
     after, delay = rng.randint(1, len(keys) - 2), rng.uniform(0.0, 0.6)
     victim = _spawn(_EVAL_VICTIM.format(model=str(llama_dir), run=str(killed.path), config=EVAL_CONFIG), tmp_path)
     folder = killed.eval_dir / "openness"
-    _kill_when(victim, lambda: len([p for p in folder.glob("*.parquet") if p.stem in keys]) >= after,
+    kill_when(victim, lambda: len([p for p in folder.glob("*.parquet") if p.stem in keys]) >= after,
                delay=delay, timeout=120)
     done = sorted(p.stem for p in folder.glob("*.parquet"))
     assert "summary" not in done, "killed too late: the stage had finished"

@@ -236,7 +236,7 @@ def test_killed_report_leaves_the_old_one_whole_and_rebuilds_the_same(tmp_path):
     import random
     import sys
 
-    from test_reliability import _kill_when
+    from helpers import kill_when
 
     from dpnle.runs import read_parquet
 
@@ -246,7 +246,7 @@ def test_killed_report_leaves_the_old_one_whole_and_rebuilds_the_same(tmp_path):
     after = random.Random(5).randint(1, 4)  # kill after this many figures of the new build
     victim = subprocess.Popen([sys.executable, "-c", _REPORT_VICTIM.format(run=str(run.path))],
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
-    _kill_when(victim, lambda: len(list(run.path.glob(".report-*/figures/*.png"))) >= after, timeout=120)
+    kill_when(victim, lambda: len(list(run.path.glob(".report-*/figures/*.png"))) >= after, timeout=120)
     assert list(run.path.glob(".report-*")), "killed too late: the build had finished"
     # The report a reader finds is still the whole earlier one.
     assert (run.report_dir / "index.html").read_text() == old.index_html.read_text()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import INTERMEDIATE, LAYERS, tiny_llama
+from helpers import INTERMEDIATE, LAYERS, save_model
 
 from dpnle import distributed
 from dpnle.cli import _max_memory
@@ -28,11 +28,7 @@ CAPTURE = ["collect-activations", "--value", "power", "--num-pairs", "10", "--sh
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    model, tokenizer = tiny_llama()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_model(tmp_path_factory.mktemp("model"))
 
 
 def dpnle(args, runs: Path, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -36,3 +36,23 @@ def forward_accepts(model: Any, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before (the old name is deprecated there, so use the one declared)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward pass returned, under its declared field name (``cache`` or
+    ``past_key_values``); None when there is none."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    for name in ("cache", "past_key_values"):
+        if name in fields:
+            return getattr(output, name)
+    return None

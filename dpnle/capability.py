@@ -110,7 +110,9 @@ class CapabilityError(ValueError):
 
 
 class EditLike(Protocol):
-    """What the benchmarks need from an edit (dpnle.edits.Edit satisfies it)."""
+    """What the benchmarks need from an edit (dpnle.edits.Edit satisfies it). When the context
+    manager yields an object with ``assert_fired(new_tokens=, rows=)`` (an
+    :class:`~dpnle.edits.EditHandle`), generation calls it after every batch."""
 
     def apply(self, model: Any, prompt_length: int | None = None) -> AbstractContextManager[Any]: ...
 
@@ -518,8 +520,11 @@ def generate_texts(
             ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]) :] = 1
         ids, mask = ids.to(device), mask.to(device)
-        with edit_context(edit, model, ids.shape[1]):
+        with edit_context(edit, model, ids.shape[1]) as handle:
             generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            if hasattr(handle, "assert_fired"):
+                # An edit that should have changed this batch's generation and did not is an error.
+                handle.assert_fired(new_tokens=int(generated.shape[1] - width), rows=len(index))
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         for row, i in enumerate(index):
             outputs[i] = texts[row].strip()

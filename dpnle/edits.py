@@ -28,14 +28,18 @@ because an edit restricted to generated tokens never touches a log-likelihood ev
 - ``generated``: absolute positions ``>= prompt_length``.
 
 The absolute positions of a forward pass are read by a forward pre-hook on the module that
-holds the decoder layers (``model.model`` for Llama): ``cache_position`` when the model gets
-one, else the length of the KV cache (``past_key_values.get_seq_length()``), else 0, plus
-``arange(seq_len)``. With the KV cache on, a generation step sees one new position; with it
-off, it sees the whole sequence again and only the new position counts as generated. Both
-give the same edited states. ``prompt_length`` is the padded prompt length (left padding);
-when not given, the first forward pass after ``apply()`` sets it to its sequence length
-(``generate()``'s prefill), so one handle serves one prompt batch: use
-:func:`generate_with_edit`, or pass ``prompt_length``, or set ``handle.prompt_length``.
+holds the decoder layers (``model.model`` for Llama), from inputs every supported transformers
+version gives it, never from a keyword that upstream renames: the 2-D attention mask (it covers
+the cached positions and the new ones), else each row's first position id, else the length of
+whatever cache object the pass got, else 0; the sites add ``arange(seq_len)``. With the KV cache
+on, a generation step sees one new position; with it off, it sees the whole sequence again and
+only the new position counts as generated. Both give the same edited states. ``prompt_length``
+is the padded prompt length (left padding); when not given, the first forward pass after
+``apply()`` sets it to its sequence length (``generate()``'s prefill), so one handle serves one
+prompt batch: use :func:`generate_with_edit`, or pass ``prompt_length``, or set
+``handle.prompt_length``. The handle counts the prompt and generated positions it saw and
+edited; :meth:`EditHandle.assert_fired` turns an edit that should have fired during a
+``generate`` call and did not into an error.
 
 Export: a linear edit at the down_proj input is a per-layer bias at its output,
 ``down(h + delta) = down(h) + W_down @ delta``, so an ``mlp`` edit at position policy ``all``
@@ -46,6 +50,7 @@ checkpoint that plain ``transformers`` (or any server) loads (:func:`export_chec
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import shutil
@@ -202,45 +207,90 @@ def _as_layer_vector(layer: int, idx: Any, delta: Any) -> LayerVector:
 class _PositionTracker:
     """Absolute positions of the current forward pass, read on the decoder stack's parent.
 
-    ``past`` is the absolute position of the first token of the forward pass; the hooked
-    sites add ``arange(seq_len)`` to it, so the tracker never needs to know where the tokens
-    are (input_ids, inputs_embeds, positional or keyword).
+    A forward pre-hook on the module that holds the decoder layers reads, for each row, the
+    absolute (padded) position of the pass's first token from inputs every transformers version
+    gives its decoder stack, whatever it calls its cache (see :func:`_first_positions`); the
+    hooked sites add ``arange(seq_len)``. The tracker also counts the prompt and generated
+    token positions it saw, and those the edit changed, for :meth:`EditHandle.assert_fired`.
     """
 
-    def __init__(self, prompt_length: int | None):
+    def __init__(self, prompt_length: int | None, policy: str, stack: nn.Module):
         self.prompt_length = prompt_length
-        self.past: int | None = None
-        self._masks: dict[tuple[int, str, torch.device], torch.Tensor | bool] = {}
+        self.policy = policy
+        self.start: torch.Tensor | None = None  # long [rows] (or [1]): absolute position of token 0
+        self.seen = {"prompt": 0, "generated": 0}
+        self.edited = {"prompt": 0, "generated": 0}
+        self._pass = {"prompt": 0, "generated": 0}
+        self._fired = False
+        self._masks: dict[tuple[int, torch.device], torch.Tensor | bool] = {}
+        try:
+            self._signature: inspect.Signature | None = inspect.signature(stack.forward)
+        except (TypeError, ValueError):
+            self._signature = None
+
+    def _inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The stack's inputs by parameter name, however the caller passed them."""
+        if self._signature is not None:
+            try:
+                bound = self._signature.bind_partial(*args, **kwargs)
+            except TypeError:
+                pass
+            else:
+                named = dict(bound.arguments)
+                for name, param in self._signature.parameters.items():
+                    if param.kind is inspect.Parameter.VAR_KEYWORD:
+                        named.update(named.pop(name, {}))
+                return named
+        return {**({"input_ids": args[0]} if args else {}), **kwargs}
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.past = _past_length(kwargs)
         self._masks.clear()
+        self._fired = False
+        inputs = self._inputs(args, kwargs)
+        shape = _input_shape(inputs)
+        if shape is None:
+            self.start = None
+            self._pass = {"prompt": 0, "generated": 0}
+            return
+        rows, seq_len = shape
+        self.start = _first_positions(inputs, seq_len)
         if self.prompt_length is None:
-            seq_len = _sequence_length(args, kwargs)
-            if seq_len is not None:
-                # The first forward pass after apply() is the prefill of generate().
-                self.prompt_length = self.past + seq_len
+            # The first forward pass after apply() is the prefill of generate().
+            self.prompt_length = int(self.start.max()) + seq_len
+        positions = self.start[:, None] + torch.arange(seq_len)  # [rows or 1, seq]
+        prompt = int((positions < self.prompt_length).sum()) * (rows // positions.shape[0])
+        self._pass = {"prompt": prompt, "generated": rows * seq_len - prompt}
+        for kind, n in self._pass.items():
+            self.seen[kind] += n
 
     def post_hook(self, *_: Any) -> None:
-        self.past = None
+        if self._fired:
+            for kind, n in self._pass.items():
+                if self.policy in ("all", kind):
+                    self.edited[kind] += n
+        self.start = None
+        self._fired = False
         self._masks.clear()
 
-    def mask(self, policy: str, seq_len: int, device: torch.device) -> torch.Tensor | bool:
-        """Which of the ``seq_len`` positions to edit: True (all), False (none) or bool [seq]."""
-        if self.past is None:
+    def note_fired(self) -> None:
+        self._fired = True
+
+    def mask(self, seq_len: int, device: torch.device) -> torch.Tensor | bool:
+        """Which positions to edit: True (all), False (none), or bool [seq, 1] / [rows, seq, 1]
+        that broadcasts against ``[rows, seq, width]``."""
+        if self.start is None:
             raise RuntimeError(
-                f"The edit's position policy {policy!r} needs the positions of the forward pass, but the "
+                f"The edit's position policy {self.policy!r} needs the positions of the forward pass, but the "
                 "decoder stack's forward pre-hook did not run: call the whole model (or its base model), "
                 "not a single layer, or use positions='all'."
             )
-        if self.prompt_length is None:
-            self.prompt_length = self.past + seq_len
-        key = (seq_len, policy, device)
+        key = (seq_len, device)
         cached = self._masks.get(key)
         if cached is not None:
             return cached
-        positions = torch.arange(self.past, self.past + seq_len)
-        keep = positions < self.prompt_length if policy == "prompt" else positions >= self.prompt_length
+        assert self.prompt_length is not None
+        positions = self.start[:, None] + torch.arange(seq_len)
+        keep = positions < self.prompt_length if self.policy == "prompt" else positions >= self.prompt_length
         # Decide "every position" / "none" on the CPU, so those common cases (a prefill or a
         # decoding step) cost no device transfer and no masked add.
         result: torch.Tensor | bool
@@ -249,29 +299,47 @@ class _PositionTracker:
         elif not bool(keep.any()):
             result = False
         else:
-            result = keep.to(device)
+            result = (keep[0] if keep.shape[0] == 1 else keep).unsqueeze(-1).to(device)
         self._masks[key] = result
         return result
 
 
-def _past_length(kwargs: Mapping[str, Any]) -> int:
-    cache_position = kwargs.get("cache_position")
+def _first_positions(inputs: Mapping[str, Any], seq_len: int) -> torch.Tensor:
+    """Absolute position of the first token of a forward pass, long [rows] or [1] on the CPU.
+
+    In order of trust, from what every supported transformers version hands its decoder stack:
+
+    1. a 2-D ``attention_mask`` covers the cached positions and the new ones, so the pass starts
+       at ``mask.shape[1] - seq_len`` in every row (left padding keeps rows aligned);
+    2. ``position_ids`` (no mask: no padding), the first one of each row;
+    3. the length of whatever cache object the pass was given (``cache``, ``past_key_values``:
+       the keyword was renamed in transformers 5.24), or ``cache_position``;
+    4. else 0: a pass without a cache starts at the beginning.
+    """
+    mask = inputs.get("attention_mask")
+    if torch.is_tensor(mask) and mask.ndim == 2 and mask.shape[1] >= seq_len:
+        return torch.tensor([mask.shape[1] - seq_len])
+    position_ids = inputs.get("position_ids")
+    if torch.is_tensor(position_ids) and position_ids.numel():
+        if position_ids.ndim == 3:  # multimodal rotary: [sections, rows, seq]
+            position_ids = position_ids[0]
+        return position_ids.reshape(-1, position_ids.shape[-1])[:, 0].detach().to("cpu", torch.long)
+    for value in inputs.values():
+        if value is not None and callable(getattr(value, "get_seq_length", None)):
+            return torch.tensor([int(value.get_seq_length())])
+    cache_position = inputs.get("cache_position")
     if torch.is_tensor(cache_position) and cache_position.numel():
-        return int(cache_position.reshape(-1)[0])
-    past = kwargs.get("past_key_values")
-    if past is not None and hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:
-        # Legacy tuple caches: ((key [batch, heads, seq, dim], value), ...).
-        return int(past[0][0].shape[-2])
-    return 0
+        return torch.tensor([int(cache_position.reshape(-1)[0])])
+    return torch.tensor([0])
 
 
-def _sequence_length(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
-    for candidate in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+def _input_shape(inputs: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(rows, seq_len) of a forward pass, from its token ids or embeddings."""
+    for name in ("input_ids", "inputs_embeds", "hidden_states"):
+        candidate = inputs.get(name)
         if torch.is_tensor(candidate):
-            # input_ids [batch, seq]; inputs_embeds [batch, seq, hidden]
-            return int(candidate.shape[1]) if candidate.ndim >= 2 else int(candidate.shape[0])
+            # input_ids [rows, seq]; inputs_embeds [rows, seq, hidden]
+            return (int(candidate.shape[0]), int(candidate.shape[1])) if candidate.ndim >= 2 else (1, int(candidate.shape[0]))
     return None
 
 
@@ -295,7 +363,7 @@ def _module_device_dtype(*modules: nn.Module) -> tuple[torch.device, torch.dtype
 class _LayerEditor:
     """Applies one layer's change to a ``[..., seq, width]`` tensor, vectorized over units."""
 
-    def __init__(self, add: torch.Tensor | None, clamp: torch.Tensor | None, policy: str, tracker: _PositionTracker | None):
+    def __init__(self, add: torch.Tensor | None, clamp: torch.Tensor | None, policy: str, tracker: _PositionTracker):
         self.add = add  # [width] in the module's dtype, gamma and sign included
         self.clamp = clamp  # bool [width]
         self.policy = policy
@@ -317,24 +385,29 @@ class _LayerEditor:
         add, clamp = self._on(hidden)
         keep: torch.Tensor | bool = True
         if self.policy != "all":
-            assert self.tracker is not None
-            keep = self.tracker.mask(self.policy, int(hidden.shape[-2]), hidden.device)
+            keep = self.tracker.mask(int(hidden.shape[-2]), hidden.device)
             if keep is False:
                 return hidden
+        self.tracker.note_fired()
         out = hidden
         if clamp is not None:
             clamped = torch.where(clamp, hidden.clamp_max(0), hidden)
-            out = clamped if keep is True else torch.where(keep[:, None], clamped, hidden)
+            out = clamped if keep is True else torch.where(keep, clamped, hidden)
         if add is not None:
-            # keep [seq] -> [seq, 1] broadcasts over batch and units.
-            out = out + (add if keep is True else add * keep[:, None].to(add.dtype))
+            # keep [seq, 1] or [rows, seq, 1] broadcasts over rows and units.
+            out = out + (add if keep is True else add * keep.to(add.dtype))
         return out
 
 
 class EditHandle:
-    """The hooks of one applied edit. A context manager: hooks go away in ``__exit__``."""
+    """The hooks of one applied edit. A context manager: hooks go away in ``__exit__``.
 
-    def __init__(self, edit: Edit, tracker: _PositionTracker | None):
+    ``calls`` counts each hooked layer's calls; ``positions_seen`` and ``positions_edited``
+    count the prompt and generated token positions (rows x positions) that went through the
+    model and that the edit changed, since ``apply()``.
+    """
+
+    def __init__(self, edit: Edit, tracker: _PositionTracker):
         self.edit = edit
         self._tracker = tracker
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -342,12 +415,19 @@ class EditHandle:
 
     @property
     def prompt_length(self) -> int | None:
-        return None if self._tracker is None else self._tracker.prompt_length
+        return self._tracker.prompt_length
 
     @prompt_length.setter
     def prompt_length(self, value: int | None) -> None:
-        if self._tracker is not None:
-            self._tracker.prompt_length = value
+        self._tracker.prompt_length = value
+
+    @property
+    def positions_seen(self) -> dict[str, int]:
+        return dict(self._tracker.seen)
+
+    @property
+    def positions_edited(self) -> dict[str, int]:
+        return dict(self._tracker.edited)
 
     @property
     def active(self) -> bool:
@@ -358,13 +438,41 @@ class EditHandle:
         while self._hooks:
             self._hooks.pop().remove()
 
-    def assert_fired(self) -> None:
-        """Raise if a hooked layer never ran since ``apply()``."""
+    def assert_fired(self, new_tokens: int | None = None, rows: int = 1) -> None:
+        """Raise unless the edit did what its position policy asks of the passes made so far.
+
+        Always: every hooked layer ran. After a ``generate`` call that returned ``new_tokens``
+        new tokens for each of ``rows`` rows, also: the model was fed at least
+        ``(new_tokens - 1) * rows`` generated positions (the last token is never fed back), and
+        the edit changed prompt positions (policies ``all``, ``prompt``) and generated ones
+        (``all``, ``generated``) wherever there were some. An edit that should have fired and
+        did not is an error, never a silent no-op.
+        """
         silent = [layer for layer, n in self.calls.items() if n == 0]
         if silent:
             raise RuntimeError(
                 f"The {self.edit.method} edit's hooks on layer(s) {silent} never ran: the model did not "
                 "execute those modules (was the forward pass made on another model object?)."
+            )
+        if new_tokens is None:
+            return
+        seen, edited = self._tracker.seen, self._tracker.edited
+        policy = self.edit.positions
+        fed = max(int(new_tokens) - 1, 0) * int(rows)
+        missing = []
+        if seen["generated"] < fed:
+            missing.append(f"generate fed {fed} generated positions, the edit saw {seen['generated']}")
+        for kind in ("prompt", "generated"):
+            if policy in ("all", kind) and seen[kind] > 0 and edited[kind] == 0:
+                missing.append(f"no {kind} position was edited")
+        if missing:
+            raise RuntimeError(
+                f"The {self.edit.method} edit (positions={policy!r}, gamma {self.edit.gamma:g}) did not fire as its "
+                f"policy requires during generate ({'; '.join(missing)}): it saw {seen['prompt']} prompt and "
+                f"{seen['generated']} generated token positions and edited {edited['prompt']} and "
+                f"{edited['generated']}, for {new_tokens} new tokens x {rows} rows. The decoder stack's inputs "
+                "did not reveal the positions (attention_mask, position_ids or cache): this transformers "
+                "version is not supported; see the README's tested range."
             )
 
     def __enter__(self) -> EditHandle:
@@ -375,7 +483,8 @@ class EditHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        return f"EditHandle({self.edit.method}, {len(self.calls)} layers, {state}, calls={self.calls})"
+        return (f"EditHandle({self.edit.method}, {len(self.calls)} layers, {state}, calls={self.calls}, "
+                f"seen={self.positions_seen}, edited={self.positions_edited})")
 
 
 def _register(edit: Edit, model: nn.Module, prompt_length: int | None) -> EditHandle:
@@ -388,14 +497,13 @@ def _register(edit: Edit, model: nn.Module, prompt_length: int | None) -> EditHa
             f"0-{arch.num_layers - 1}: the edit was made for another model."
         )
     dense = edit.dense_vectors(width)
-    tracker = _PositionTracker(prompt_length) if edit.positions != "all" else None
+    stack = _decoder_stack(model)
+    tracker = _PositionTracker(prompt_length, edit.positions, stack)
     handle = EditHandle(edit, tracker)
     try:
-        if tracker is not None:
-            stack = _decoder_stack(model)
-            handle._hooks.append(stack.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
-            # always_call: a forward that raises must not leave stale positions behind.
-            handle._hooks.append(stack.register_forward_hook(tracker.post_hook, always_call=True))
+        handle._hooks.append(stack.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
+        # always_call: a forward that raises must not leave stale positions behind.
+        handle._hooks.append(stack.register_forward_hook(tracker.post_hook, always_call=True))
         for layer in edit.layers:
             sites = arch.layers[layer]
             module = arch.module_for(edit.site, layer)
@@ -475,7 +583,7 @@ def generate_with_edit(
             return model.generate(**inputs, **generate_kwargs)
         with edit.apply(model, prompt_length=int(input_ids.shape[1])) as handle:
             out = model.generate(**inputs, **generate_kwargs)
-            handle.assert_fired()
+            handle.assert_fired(new_tokens=int(out.shape[1] - input_ids.shape[1]), rows=int(out.shape[0]))
         return out
 
 

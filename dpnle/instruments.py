@@ -60,7 +60,7 @@ import torch
 from scipy import stats as sps
 from torch import nn
 
-from dpnle.batching import forward_accepts, input_device, pad_token_id
+from dpnle.batching import cache_keyword, forward_accepts, input_device, output_cache, pad_token_id
 from dpnle.concepts import Concept, get_concept
 from dpnle.pairs import PERSONA_STATEMENT_TEMPLATE, render_prompt
 
@@ -478,7 +478,7 @@ def _shared_prefix_logits(
     kwargs: dict[str, Any] = {"input_ids": head, "use_cache": True}
     if forward_accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
-    cache = getattr(model(**kwargs), "past_key_values", None)
+    cache = output_cache(model(**kwargs))
     if not _expandable_cache(cache):
         with contextlib.suppress(TypeError):  # remember, so later batches skip the probe
             _NO_SHARED_PREFIX.add(model)
@@ -490,7 +490,7 @@ def _shared_prefix_logits(
         "input_ids": input_ids,
         "attention_mask": mask,
         "position_ids": (prefix + tail_mask.cumsum(dim=1) - 1).clamp(min=prefix),
-        "past_key_values": cache,
+        cache_keyword(model): cache,
         "use_cache": True,
     }
     if forward_accepts(model, "logits_to_keep"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -24,3 +25,36 @@ def pytest_configure(config):
 def mirror_available():
     if not os.environ.get("DPNLE_DATA_MIRROR"):
         pytest.skip("needs the dataset mirror (DPNLE_DATA_MIRROR=../shared/datasets)")
+
+
+class _DeprecationLog(logging.Handler):
+    """Collects what transformers logs about deprecations: it announces renames (a cache keyword,
+    an argument) through its logger, once per process, not only through the warnings module."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecat" in message.lower():
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecations():
+    """Fail a test during which transformers logged a deprecation, so the next upstream rename
+    fails a test the day it lands instead of a user's run months later (FutureWarning and
+    DeprecationWarning are errors too: pyproject.toml's filterwarnings)."""
+    logger = logging.getLogger("transformers")
+    handler = _DeprecationLog()
+    logger.addHandler(handler)
+    # transformers' warning_once remembers what it said; forget it, so every test is checked.
+    clear = getattr(getattr(logging.Logger, "warning_once", None), "cache_clear", None)
+    if clear is not None:
+        clear()
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.messages, f"transformers logged a deprecation: {handler.messages}"

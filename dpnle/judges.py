@@ -11,7 +11,11 @@ Judge specs (``parse_judge``):
   the base URL (``https://api.openai.com/v1``, ``http://127.0.0.1:8000/v1``); a URL that already
   ends in ``/chat/completions`` is used as is, one without a ``/v<N>`` path gets ``/v1`` added.
   The key comes from ``DPNLE_JUDGE_API_KEY`` or ``OPENAI_API_KEY`` (may be empty for local
-  servers). Standard library HTTP only; bounded retries with exponential backoff on 429, 5xx,
+  servers) and is sent as a Bearer token only over https, or over plain http to this machine
+  (``localhost``, 127.0.0.0/8, ``::1``); plain http elsewhere with a key set is refused unless
+  ``DPNLE_JUDGE_ALLOW_HTTP=1``. Credentials in the URL itself (``user:secret@``) are refused:
+  put the key in the environment. Redirects are not followed (the key would go along).
+  Standard library HTTP only; bounded retries with exponential backoff on 429, 5xx,
   timeouts and connection errors.
 - ``hf:MODEL``: a local Hugging Face model (anything :func:`dpnle.models.load_model` takes). The
   rating is the expected value of its next-token distribution over "1".."5" (every token that
@@ -21,11 +25,19 @@ Judge specs (``parse_judge``):
 Every rating is cached in SQLite, keyed by (judge spec, rubric version, trait, question, answer,
 condition): a re-run costs nothing. The rubric version is a hash of the prompt templates, so
 editing the rubric invalidates old entries by itself.
+
+Secrets: whatever names a judge outside the request itself (error messages, the cache's keys
+and rows, ``run.json``, Parquet metadata, reports) uses :func:`redact_judge_spec`, which drops
+the base URL's userinfo, query string and fragment. A judge's identity is that redacted URL
+plus the model name, so rotating a key or a ``?key=`` query keeps results comparable and
+cached. Rows a cache file got before this (under a spec with secrets in it) are re-keyed under
+the redacted spec when the file is opened.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 import os
@@ -56,6 +68,8 @@ PB_REPETITION_PENALTY = 1.15
 PB_BATCH_SIZE = 8
 
 API_KEY_ENVS = ("DPNLE_JUDGE_API_KEY", "OPENAI_API_KEY")
+# Set to 1 to send the API key over plain http to a host other than this machine.
+ALLOW_HTTP_ENV = "DPNLE_JUDGE_ALLOW_HTTP"
 DIGITS = ("1", "2", "3", "4", "5")
 
 # What a high score looks like, per concept: dpnle's own descriptions (the facets of each Big
@@ -210,6 +224,29 @@ class RatingCache:
                 "trait TEXT, condition TEXT, question TEXT, answer TEXT, trait_score REAL, fluency REAL, "
                 "raw TEXT, created REAL)"
             )
+        self._redact_old_rows()
+
+    def _redact_old_rows(self) -> None:
+        """Re-key rows written under a judge spec with secrets in it (before dpnle redacted
+        specs) under :func:`redact_judge_spec` of it: the file then holds no secret, and the
+        judge that wrote them finds them again. Cheap when there is nothing to do."""
+        with self._lock:
+            with self._db:
+                judges = [row[0] for row in self._db.execute("SELECT DISTINCT judge FROM ratings")]
+                dirty = [j for j in judges if j is not None and redact_judge_spec(j) != j]
+                for judge in dirty:
+                    clean = redact_judge_spec(judge)
+                    rows = self._db.execute(
+                        "SELECT key, rubric, trait, question, answer, condition FROM ratings WHERE judge = ?",
+                        (judge,),
+                    ).fetchall()
+                    for key, rubric, trait, question, answer, condition in rows:
+                        new_key = RatingCache.key(clean, rubric, trait, question, answer, condition)
+                        self._db.execute(
+                            "UPDATE OR REPLACE ratings SET key = ?, judge = ? WHERE key = ?", (new_key, clean, key)
+                        )
+            if dirty:
+                self._db.execute("VACUUM")  # no copy of the old rows left in free pages
 
     @staticmethod
     def key(judge: str, rubric: str, trait: str, question: str, answer: str, condition: str) -> str:
@@ -317,14 +354,109 @@ class NoJudge(Judge):
         return Rating(float("nan"), float("nan"), "")
 
 
+def redact_url(url: str) -> str:
+    """``url`` without what may hold a secret: the userinfo (``user:secret@``), the query string
+    (``?key=...``) and the fragment. Scheme, host, port and path stay, so it still names the
+    endpoint. Never raises: a malformed URL is cut the same way (RFC 3986: the authority ends at
+    the first ``/``, ``?`` or ``#``; the userinfo is everything in it up to the last ``@``)."""
+    text = url.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{authority.rpartition('@')[2]}{slash}{path}"
+
+
+def _openai_spec(base_url: str, model: str) -> str:
+    return f"openai:{redact_url(base_url).rstrip('/')}#{model}"
+
+
+def redact_judge_spec(spec: str) -> str:
+    """A judge spec as it may be shown or stored: for ``openai:BASE_URL#MODEL``, the base URL
+    through :func:`redact_url` (the model after the last ``#`` stays), which is exactly the
+    judge's ``spec``; ``hf:MODEL`` and ``none`` as given; anything else as a URL."""
+    text = spec.strip()
+    kind, sep, rest = text.partition(":")
+    if kind.lower() == "openai":
+        base_url, hash_, model = rest.rpartition("#")
+        return _openai_spec(base_url, model) if hash_ else f"openai:{redact_url(rest)}"
+    if kind.lower() == "hf" or not sep:
+        return text
+    return redact_url(text)
+
+
+def may_send_key(url: str) -> bool:
+    """Whether an API key may go to ``url``: over https; over plain http only to this machine
+    (``localhost``, 127.0.0.0/8, ``::1``), or anywhere when ``DPNLE_JUDGE_ALLOW_HTTP=1``."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        host = (parts.hostname or "").rstrip(".")
+    except ValueError:
+        return False
+    scheme = parts.scheme.lower()
+    if scheme == "https":
+        return True
+    if scheme != "http":
+        return False
+    if os.environ.get(ALLOW_HTTP_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return True
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _env_api_key() -> tuple[str, str]:
+    """The API key from the environment and the variable it came from ("" and "" if none)."""
+    name = next((e for e in API_KEY_ENVS if os.environ.get(e)), "")
+    return (os.environ[name], name) if name else ("", "")
+
+
+def check_endpoint(base_url: str, api_key: str, key_name: str = "") -> None:
+    """Refuse, with a :class:`JudgeError` naming the fix, a base URL that is malformed, carries
+    credentials (``user:secret@``), or would take ``api_key`` (read from the environment
+    variable ``key_name``, if named) over plain http to another machine (see
+    :func:`may_send_key`). Contacts nothing."""
+    shown = redact_url(base_url)
+    try:
+        parts = urllib.parse.urlsplit(base_url.strip())
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as error:
+        raise JudgeError(f"Judge URL {shown} is not a valid URL ({error}).") from None
+    if "@" in parts.netloc:
+        raise JudgeError(
+            f"Judge URL {shown} has credentials in it (the part before '@'); dpnle does not send or record "
+            f"them. Drop them from the judge spec and put the API key in {API_KEY_ENVS[0]}."
+        )
+    if api_key and not may_send_key(base_url):
+        key = f"the API key in {key_name}" if key_name else "the API key"
+        raise JudgeError(
+            f"Judge URL {shown} is plain http to another machine: {key} would cross the network "
+            f"unencrypted. Use https://, or set {ALLOW_HTTP_ENV}=1 to send it anyway."
+        )
+
+
 def chat_completions_url(base_url: str) -> str:
-    url = base_url.strip().rstrip("/")
-    if url.endswith("/chat/completions"):
-        return url
-    path = urllib.parse.urlparse(url).path
-    if not re.search(r"/v\d+[a-z0-9]*$", path):
-        url += "/v1"
-    return url + "/chat/completions"
+    """The request URL: the base URL's path with ``/chat/completions`` added (and ``/v1`` before
+    it when the path has no ``/v<N>``); its query string kept, its fragment dropped."""
+    parts = urllib.parse.urlsplit(base_url.strip())
+    path = parts.path.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        if not re.search(r"/v\d+[a-z0-9]*$", path):
+            path += "/v1"
+        path += "/chat/completions"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects come back as ``HTTPError`` 3xx: urllib would send the Authorization header on
+    to the new location, whatever its host and scheme."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 _RETRY_STATUS = {408, 409, 429}
@@ -347,12 +479,16 @@ class OpenAIJudge(Judge):
         cache_path: str | Path | None = None,
         use_cache: bool = True,
     ) -> None:
-        super().__init__(f"openai:{base_url.strip().rstrip('/')}#{model}", cache_path, use_cache)
-        self.url = chat_completions_url(base_url)
-        self.model = model
+        key_name = ""
         if api_key is None:
-            api_key = next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), "")
+            api_key, key_name = _env_api_key()
+        check_endpoint(base_url, api_key, key_name)
+        super().__init__(_openai_spec(base_url, model), cache_path, use_cache)
+        self.url = chat_completions_url(base_url)  # what is requested: may hold a ?key= query
+        self.shown_url = redact_url(self.url)  # what messages show
+        self.model = model
         self._api_key = api_key
+        self._opener = urllib.request.build_opener(_NoRedirects)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -368,6 +504,12 @@ class OpenAIJudge(Judge):
             except ValueError:
                 pass
         time.sleep(min(delay, self.max_backoff_s))
+
+    def _scrub(self, text: str) -> str:
+        """``text`` (an error, a server's reply) with the request URL and its query redacted."""
+        text = text.replace(self.url, self.shown_url)
+        query = urllib.parse.urlsplit(self.url).query
+        return text.replace(query, "[redacted]") if query else text
 
     def chat(self, prompt: str) -> str:
         """One user message in, the assistant's text out (temperature 0)."""
@@ -388,23 +530,29 @@ class OpenAIJudge(Judge):
             self.requests_sent += 1
             retry_after = None
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                with self._opener.open(request, timeout=self.timeout_s) as response:
                     payload = json.loads(response.read().decode("utf-8"))
                 return _message_text(payload)
             except urllib.error.HTTPError as error:
-                detail = error.read().decode("utf-8", "replace")[:300]
+                if 300 <= error.code < 400:
+                    target = redact_url(error.headers.get("Location", "") if error.headers else "") or "elsewhere"
+                    raise JudgeError(
+                        f"Judge endpoint {self.shown_url} redirects (HTTP {error.code}) to {target}; dpnle does not "
+                        "follow redirects, as the API key would go along. Put the final URL in the judge spec."
+                    ) from None
+                detail = self._scrub(error.read().decode("utf-8", "replace")[:300])
                 last_error = f"HTTP {error.code}: {detail}"
                 if error.code not in _RETRY_STATUS and error.code < 500:
-                    raise JudgeError(f"Judge endpoint {self.url} refused the request ({last_error}).") from None
+                    raise JudgeError(f"Judge endpoint {self.shown_url} refused the request ({last_error}).") from None
                 retry_after = error.headers.get("Retry-After") if error.headers else None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
-                last_error = f"{type(error).__name__}: {error}"
+                last_error = self._scrub(f"{type(error).__name__}: {error}")
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 last_error = f"unreadable response: {error}"
             if attempt < self.max_retries:
                 self._wait(attempt, retry_after)
         raise JudgeError(
-            f"Judge endpoint {self.url} failed after {self.max_retries + 1} attempts; last error: {last_error}."
+            f"Judge endpoint {self.shown_url} failed after {self.max_retries + 1} attempts; last error: {last_error}."
         )
 
     def _rate(self, trait: str, question: str, answer: str) -> Rating:
@@ -505,27 +653,50 @@ def parse_judge(spec: str, cache_path: str | Path | None = None, **options: Any)
     ``<dpnle cache>/judges/judge_ratings.sqlite``. ``options`` go to the judge's constructor
     (e.g. ``timeout_s``, ``max_retries`` for ``openai``; ``dtype``, ``device`` for ``hf``).
     """
+    kind, target, model = _split_spec(spec)
+    if kind == "none":
+        return NoJudge()
+    if kind == "openai":
+        return OpenAIJudge(target, model, cache_path=cache_path, **options)
+    from dpnle.models import load_model
+
+    load_options = {k: options.pop(k) for k in ("dtype", "device") if k in options}
+    loaded = load_model(target, fingerprint=False, **load_options)
+    return HFJudge(loaded.model, loaded.tokenizer, spec=f"hf:{loaded.model_id}", cache_path=cache_path, **options)
+
+
+def _split_spec(spec: str) -> tuple[str, str, str]:
+    """(``none``, "", ""), (``openai``, BASE_URL, MODEL) or (``hf``, MODEL, ""); a
+    :class:`JudgeError` (showing the spec redacted) for anything else."""
     text = spec.strip()
     if text.lower() in ("none", ""):
-        return NoJudge()
+        return "none", "", ""
+    shown = redact_judge_spec(text)
     kind, _, rest = text.partition(":")
     kind = kind.lower()
     if kind == "openai":
         base_url, sep, model = rest.rpartition("#")
         if not sep or not base_url or not model:
-            raise JudgeError(f"Judge spec {spec!r}: expected openai:BASE_URL#MODEL.")
+            raise JudgeError(f"Judge spec {shown!r}: expected openai:BASE_URL#MODEL.")
         if not base_url.startswith(("http://", "https://")):
-            raise JudgeError(f"Judge spec {spec!r}: BASE_URL must start with http:// or https://.")
-        return OpenAIJudge(base_url, model, cache_path=cache_path, **options)
+            raise JudgeError(f"Judge spec {shown!r}: BASE_URL must start with http:// or https://.")
+        return kind, base_url, model
     if kind == "hf":
         if not rest:
-            raise JudgeError(f"Judge spec {spec!r}: expected hf:MODEL.")
-        from dpnle.models import load_model
+            raise JudgeError(f"Judge spec {shown!r}: expected hf:MODEL.")
+        return kind, rest, ""
+    raise JudgeError(f"Unknown judge spec {shown!r}; use openai:BASE_URL#MODEL, hf:MODEL or none.")
 
-        load_options = {k: options.pop(k) for k in ("dtype", "device") if k in options}
-        loaded = load_model(rest, fingerprint=False, **load_options)
-        return HFJudge(loaded.model, loaded.tokenizer, spec=f"hf:{loaded.model_id}", cache_path=cache_path, **options)
-    raise JudgeError(f"Unknown judge spec {spec!r}; use openai:BASE_URL#MODEL, hf:MODEL or none.")
+
+def check_judge_spec(spec: str) -> str:
+    """Everything :func:`parse_judge` would refuse in ``spec`` before it contacts or loads
+    anything (syntax, credentials in the URL, the API key over plain http), raised now as a
+    :class:`JudgeError`; for a command to call before it loads its model. Returns the judge's
+    identity for artifacts: :func:`redact_judge_spec` of ``spec``."""
+    kind, target, _ = _split_spec(spec)
+    if kind == "openai":
+        check_endpoint(target, *_env_api_key())
+    return redact_judge_spec(spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,11 +746,16 @@ __all__ = [
     "Rating",
     "RatingCache",
     "chat_completions_url",
+    "check_endpoint",
+    "check_judge_spec",
     "digit_token_ids",
     "fluency_prompt",
     "generate_answers",
+    "may_send_key",
     "parse_judge",
     "parse_rating",
     "pb_message",
+    "redact_judge_spec",
+    "redact_url",
     "trait_prompt",
 ]

@@ -25,7 +25,7 @@ from dpnle.datasets import Question
 
 class _Server:
     """A ThreadingHTTPServer on an ephemeral port whose replies come from ``respond``:
-    (request number, parsed JSON body) -> (status, JSON payload)."""
+    (request number, parsed JSON body) -> (status, JSON payload[, extra headers])."""
 
     def __init__(self, respond: Callable[[int, dict], tuple[int, dict]]) -> None:
         self.respond = respond
@@ -38,9 +38,11 @@ class _Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append({"path": self.path, **body})
                 outer.headers.append(dict(self.headers))
-                status, payload = outer.respond(len(outer.requests), body)
+                status, payload, *extra = outer.respond(len(outer.requests), body)
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -243,6 +245,221 @@ def test_rubric_covers_traits_and_values():
     assert "personality trait" in jd.trait_prompt("agreeableness", "Q?", "A.")
     assert "[[N]]" in jd.fluency_prompt("A.")
     assert jd.fluency_prompt("A.", jd.LOCAL_ENDING).endswith(jd.LOCAL_ENDING)
+
+
+# ---------------------------------------------------------------------------------------------
+# secrets: never printed or written; the key only over https or to this machine
+
+SECRET = "s3cr3t-pass"  # in the userinfo or the query string of a judge URL
+KEY = "sk-live-123"  # the API key in the environment
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    monkeypatch.delenv("DPNLE_JUDGE_API_KEY", raising=False)
+    monkeypatch.delenv(jd.ALLOW_HTTP_ENV, raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:pass@host:8000/v1?key=abc#frag", "http://host:8000/v1"),
+        ("https://api.openai.com/v1", "https://api.openai.com/v1"),
+        ("https://u:p@[::1]:8/v1/chat/completions?api-key=x", "https://[::1]:8/v1/chat/completions"),
+        ("http://u:p@h", "http://h"),
+        ("user:pass@host/v1", "host/v1"),  # no scheme: still cut
+        ("http://[::1", "http://[::1"),  # malformed: never raises
+    ],
+)
+def test_redact_url(url, shown):
+    assert jd.redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("spec", "shown"),
+    [
+        ("openai:http://user:pass@host/v1/?key=abc#gpt-4o", "openai:http://host/v1#gpt-4o"),
+        ("openai:https://api.openai.com/v1#gpt-4o", "openai:https://api.openai.com/v1#gpt-4o"),
+        ("openai:http://u:pass@h/v1", "openai:http://h/v1"),
+        ("hf:HuggingFaceTB/SmolLM2-135M-Instruct", "hf:HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("none", "none"),
+        ("http://u:pass@h/v1#m", "http://h/v1"),  # "openai:" forgotten: treated as a URL
+    ],
+)
+def test_redact_judge_spec(spec, shown):
+    assert jd.redact_judge_spec(spec) == shown
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed", "opted_in"),
+    [
+        ("https://api.openai.com/v1", True, True),
+        ("http://127.0.0.1:8000/v1", True, True),
+        ("http://127.8.9.10/v1", True, True),
+        ("http://localhost:8000/v1", True, True),
+        ("http://[::1]:8000/v1", True, True),
+        ("http://judge.example.com/v1", False, True),
+        ("http://10.0.0.7:8000/v1", False, True),
+        ("http://localhost.example.com/v1", False, True),
+        ("ftp://judge.example.com/v1", False, False),
+        ("http://[::1", False, False),  # malformed
+    ],
+)
+def test_may_send_key(url, allowed, opted_in, monkeypatch):
+    monkeypatch.delenv(jd.ALLOW_HTTP_ENV, raising=False)
+    assert jd.may_send_key(url) is allowed
+    monkeypatch.setenv(jd.ALLOW_HTTP_ENV, "1")  # the explicit opt-in: plain http to any host
+    assert jd.may_send_key(url) is opted_in
+
+
+def test_key_over_plain_http_is_refused_before_anything(api_key, monkeypatch, tmp_path):
+    cache = tmp_path / "cache.sqlite"
+    with pytest.raises(jd.JudgeError) as error:
+        jd.parse_judge("openai:http://judge.example.com/v1#m", cache_path=cache)
+    message = str(error.value)
+    assert "https://" in message and f"{jd.ALLOW_HTTP_ENV}=1" in message and "OPENAI_API_KEY" in message
+    assert KEY not in message and "\n" not in message
+    assert not cache.exists()  # refused before the cache (or anything else) was opened
+    with pytest.raises(jd.JudgeError, match="plain http"):
+        jd.check_judge_spec("openai:http://judge.example.com/v1#m")
+    with pytest.raises(jd.JudgeError, match="plain http"):
+        jd.OpenAIJudge("http://judge.example.com/v1", "m", api_key="sk-given", use_cache=False)
+    # Accepted (nothing is sent here): https, plain http to this machine, the opt-in, no key at all.
+    for spec in ("openai:https://judge.example.com/v1#m", "openai:http://127.0.0.1:9/v1#m",
+                 "openai:http://localhost:9/v1#m"):
+        assert jd.check_judge_spec(spec) == spec
+        jd.parse_judge(spec, use_cache=False)
+    monkeypatch.setenv(jd.ALLOW_HTTP_ENV, "1")
+    jd.parse_judge("openai:http://judge.example.com/v1#m", use_cache=False)
+    monkeypatch.delenv(jd.ALLOW_HTTP_ENV)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    jd.parse_judge("openai:http://judge.example.com/v1#m", use_cache=False)
+
+
+def test_credentials_in_the_url_are_refused_and_never_shown(api_key, tmp_path):
+    # Bad, unreachable or malformed: no message repeats what came before the host, or the query.
+    for spec in (
+        f"openai:http://user:{SECRET}@127.0.0.1:1/v1#m",  # nothing listens on port 1
+        f"openai:https://user:{SECRET}@judge.example.com/v1#m",
+        f"openai:http://user:{SECRET}@judge.example.com/v1",  # no model
+        f"openai:ftp://user:{SECRET}@judge.example.com/v1?key={SECRET}#m",
+        f"openai:https://judge.example.com/v1?key={SECRET}",
+        f"opnai:http://user:{SECRET}@judge.example.com/v1#m",
+        f"openai:http://user:{SECRET}@host:port/v1#m",
+    ):
+        with pytest.raises(jd.JudgeError) as error:
+            jd.parse_judge(spec, cache_path=tmp_path)
+        assert "pass" not in str(error.value) and SECRET not in str(error.value), str(error.value)
+        with pytest.raises(jd.JudgeError) as early:
+            jd.check_judge_spec(spec)
+        assert "pass" not in str(early.value)
+    with pytest.raises(jd.JudgeError, match="DPNLE_JUDGE_API_KEY"):
+        jd.check_judge_spec(f"openai:https://user:{SECRET}@judge.example.com/v1#m")
+
+
+def test_an_unreachable_judge_with_a_query_key_shows_no_secret(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    judge = jd.parse_judge(f"openai:http://127.0.0.1:{port}/v1?key={SECRET}#m", cache_path=tmp_path,
+                           backoff_s=0.001, max_retries=1, timeout_s=2)
+    assert judge.spec == f"openai:http://127.0.0.1:{port}/v1#m"
+    with pytest.raises(jd.JudgeError, match="2 attempts") as error:
+        judge.rate("openness", "Q?", "A.")
+    assert SECRET not in str(error.value) and f"127.0.0.1:{port}/v1/chat/completions" in str(error.value)
+    judge.close()
+
+
+def test_a_query_key_is_sent_but_not_cached_or_shown(serve, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("DPNLE_JUDGE_API_KEY", raising=False)
+    server = serve(_rubric_reply)
+    judge = jd.parse_judge(f"openai:{server.base_url}?key={SECRET}#test-model", cache_path=tmp_path / "c.sqlite")
+    judge.rate("openness", "Q?", "A.")
+    assert server.requests[0]["path"] == f"/v1/chat/completions?key={SECRET}"  # the endpoint gets it
+    assert judge.spec == f"openai:{server.base_url}#test-model"  # the cache key and row do not
+    judge.close()
+    assert SECRET.encode() not in (tmp_path / "c.sqlite").read_bytes()
+    # An error reply that echoes the URL is shown without it.
+    echo = serve(lambda n, body: (400, {"error": f"bad request to /v1/chat/completions?key={SECRET}"}))
+    judge = jd.parse_judge(f"openai:{echo.base_url}?key={SECRET}#m", use_cache=False)
+    with pytest.raises(jd.JudgeError, match="400") as error:
+        judge.rate("openness", "Q?", "A.")
+    assert SECRET not in str(error.value)
+
+
+def test_a_redirect_is_not_followed(serve, tmp_path, api_key):
+    target = f"http://elsewhere.example.com/v1/chat/completions?key={SECRET}"
+    server = serve(lambda n, body: (307, {}, {"Location": target}))
+    judge = _judge(server, tmp_path)
+    with pytest.raises(jd.JudgeError, match="redirects") as error:
+        judge.rate("openness", "Q?", "A.")
+    assert "elsewhere.example.com" in str(error.value) and SECRET not in str(error.value)
+    assert len(server.requests) == 1  # not retried, and the key went nowhere else
+    judge.close()
+
+
+def test_old_cache_rows_are_rekeyed_without_secrets(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://user:{SECRET}@127.0.0.1:{port}/v1/?key={SECRET}"
+    old_spec = f"openai:{base.rstrip('/')}#m"  # how dpnle named the judge before redaction
+    path = tmp_path / "judge_ratings.sqlite"
+    cache = jd.RatingCache(path)
+    rating = jd.Rating(4.0, 5.0, "{}")
+    key = jd.RatingCache.key(old_spec, jd.RUBRIC_VERSION, "openness", "Q?", "A.", "up")
+    cache.put(key, rating, judge=old_spec, rubric=jd.RUBRIC_VERSION, trait="openness", condition="up",
+              question="Q?", answer="A.")
+    cache.put("other", rating, judge="hf:fake", rubric="r", trait="openness", condition="", question="q",
+              answer="a")
+    cache.close()
+    assert SECRET.encode() in path.read_bytes()
+
+    reopened = jd.RatingCache(path)
+    assert len(reopened) == 2 and reopened.get("other") == rating  # other judges' rows untouched
+    reopened.close()
+    assert SECRET.encode() not in path.read_bytes()
+    # The same endpoint, now named without credentials, finds the rating: no request is made.
+    judge = jd.OpenAIJudge(f"http://127.0.0.1:{port}/v1/?key={SECRET}", "m", api_key="", cache_path=path)
+    assert judge.rate("openness", "Q?", "A.", "up") == rating and judge.requests_sent == 0
+    judge.close()
+
+
+def test_artifacts_and_reports_hold_no_secret(api_key, tmp_path):
+    import pandas as pd
+
+    from dpnle import evaluate as ev
+    from dpnle import report
+    from dpnle.runs import Run, parquet_metadata, write_parquet
+
+    spec = f"openai:https://user:{SECRET}@judge.example.com/v1?key={SECRET}#gpt-4o"
+    # edit-eval refuses credentials in the URL when it reads its options, before any model loads.
+    with pytest.raises(jd.JudgeError):
+        ev.EvalConfig(judge=spec)
+    with pytest.raises(jd.JudgeError, match="plain http"):
+        ev.EvalConfig(judge="openai:http://judge.example.com/v1#gpt-4o")
+    # A query key is accepted, and the settings that go into run.json and the Parquet metadata
+    # name the judge by its redacted URL and model.
+    config = ev.EvalConfig(judge=f"openai:https://judge.example.com/v1?key={SECRET}#gpt-4o")
+    settings = config.condition_settings()
+    assert settings["judge"] == "openai:https://judge.example.com/v1#gpt-4o"
+    run = Run.create_or_open("secrets", "tiny/model", root=tmp_path)
+    run.record_stage("edit-eval", "openness", "done", **settings)
+    path = write_parquet(tmp_path / "eval.parquet", pd.DataFrame({"x": [1]}), metadata={"settings": settings})
+    assert SECRET not in run.manifest_path.read_text()
+    assert SECRET not in json.dumps(parquet_metadata(path))
+    # A run.json written before redaction: the report shows the judge redacted.
+    run.record_stage("edit-eval", "neuroticism", "done", judge=spec)
+    blocks = report._run_section(run, run.manifest())
+    text = report.render_markdown(blocks) + report.render_html(blocks, tmp_path, "report")
+    assert "judge=openai:https://judge.example.com/v1#gpt-4o" in text
+    assert SECRET not in text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -616,10 +616,10 @@ def _check_name(name: str) -> str:
 
 def select_subset(items: Sequence[Any], name: str, limit: int | None, seed: int = 0) -> list[Any]:
     """A seeded random subset of ``limit`` items in dataset order (all items if limit is None)."""
+    if limit is not None and limit < 1:  # checked first: a negative limit never means "all items"
+        raise CapabilityError(f"limit must be at least 1 (None for all items), not {limit}.")
     if limit is None or limit >= len(items):
         return list(items)
-    if limit < 1:
-        raise CapabilityError("limit must be at least 1.")
     # A string seed is hashed deterministically by random.Random (independent of PYTHONHASHSEED).
     rng = random.Random(f"dpnle-capability/{name}/{seed}")
     chosen = sorted(rng.sample(range(len(items)), limit))

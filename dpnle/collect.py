@@ -30,10 +30,14 @@ How a batch is captured, and why:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
+import os
+import shlex
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +49,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
@@ -55,6 +60,11 @@ from dpnle.concepts import TRAITS
 from dpnle.distributed import Workers
 from dpnle.pairs import pairs_digest, render_prompt, to_samples
 from dpnle.stats import LayerStats, RunningMoments
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the writer lock then only warns
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "SITES",
@@ -78,6 +88,7 @@ POLES = ("high", "low")
 MANIFEST_FILE = "manifest.json"
 STATS_FILE = "stats.parquet"
 PAIRS_FILE = "pairs.parquet"
+LOCK_FILE = "writer.lock"
 
 
 def check_policy(policy: str) -> None:
@@ -702,21 +713,141 @@ def _remove_temp_files(directory: Path) -> None:
             tmp.unlink()
 
 
-def _shard_is_complete(directory: Path, shard: int, key_digest: str) -> bool:
-    """Both the shard and its statistics partial exist, are readable and belong to this capture."""
-    for path in (_stats_shard_path(directory, shard), _shard_path(directory, shard)):
-        if not path.exists():
-            return False
+def _clear_capture(directory: Path) -> None:
+    """Delete everything in a capture directory but its writer lock (--overwrite)."""
+    for entry in directory.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _command_line() -> str:
+    """This process's command line, as the writer lock records it."""
+    argv = list(sys.argv) or ["python"]
+    if Path(argv[0]).name in ("dpnle", "__main__.py"):
+        argv[0] = "dpnle"
+    elif argv[0] == "-c":
+        argv[0:1] = ["python", "-c"]
+    text = shlex.join(argv)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class _WriterLock:
+    """One writer per capture directory: an exclusive ``flock`` on its ``writer.lock``, which
+    records the holder's pid and command line. The kernel drops the lock when the holder exits
+    or is killed, so a crash never leaves a capture locked. The file stays: deleting it would
+    let a third writer lock a new file while the second still holds the old one."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self, log: Callable[[str], None]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
+            if fcntl is None:
+                raise OSError(errno.ENOSYS, "no flock on this platform")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            pid = holder.get("pid", "?")
+            raise runs_io.ArtifactError(
+                f"The capture in {self.path.parent} is being written by another process (pid {pid}: "
+                f"{holder.get('command', 'command unknown')}, since {holder.get('since', '?')}); two writers "
+                f"would mix their shards, so nothing was changed. Wait for it to finish, or stop it (kill {pid}), "
+                "then run this command again."
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            log(
+                f"warning: {self.path.parent} is on a file system without file locks ({exc.strerror}): nothing "
+                "stops a second collect-activations of this capture while this one runs; run one at a time."
+            )
+            return
+        record = {"pid": os.getpid(), "command": _command_line(), "since": runs_io.now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+
+def _lock_holder(fd: int) -> dict[str, Any]:
+    """What the holder wrote into the lock file (it writes right after locking: wait a moment)."""
+    for _ in range(20):
+        with contextlib.suppress(OSError, ValueError):
+            holder = json.loads(os.pread(fd, 4096, 0).decode())
+            if isinstance(holder, dict):
+                return holder
+        time.sleep(0.05)
+    return {}
+
+
+def _verify_pages(path: Path) -> None:
+    """Read every page of a Parquet file with its checksum verified, keeping none of it."""
+    with pq.ParquetFile(path, page_checksum_verification=True) as parquet:
+        for _ in parquet.iter_batches(batch_size=4096):
+            pass
+
+
+def _complete_shard(
+    directory: Path, shard: int, key_digest: str, log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """The metadata of shard ``shard`` if it and its statistics partial are complete: both exist,
+    belong to this capture and read back whole, every page's checksum verified (a damaged page
+    can sit under an intact footer). None if the shard must be captured (again); a damaged file
+    is reported on one line, not kept."""
+    paths = (_stats_shard_path(directory, shard), _shard_path(directory, shard))
+    if not all(path.exists() for path in paths):
+        return None
+    meta: dict[str, Any] = {}
+    for path in paths:
+        try:
+            _verify_pages(path)
             meta = runs_io.parquet_metadata(path)
-        except runs_io.ArtifactError:
-            return False
+        except PermissionError:
+            raise
+        except (pa.ArrowException, OSError, runs_io.ArtifactError) as exc:
+            reason = " ".join(str(exc).split())
+            log(f"warning: {path} is damaged ({reason}); capturing shard {shard} again.")
+            return None
         if meta.get("key_digest") != key_digest or meta.get("shard") != shard:
             raise runs_io.ArtifactError(
                 f"{path} belongs to another capture (its key differs from {directory / MANIFEST_FILE}). "
                 "Pass --overwrite to start over."
             )
-    return True
+    return meta
+
+
+def _resumed_batch_size(directory: Path, requested: int | str, recorded: dict[int, int]) -> int | None:
+    """The batch size this call must capture with: the one the complete shards were captured with
+    (a batch's padding changes the activations in the last bits, so a resume with another size would
+    give other statistics than an uninterrupted run), else ``requested`` (None for auto: probe)."""
+    sizes = sorted(set(recorded.values()))
+    if not sizes:
+        return None if requested == "auto" else int(requested)
+    if len(sizes) > 1:
+        raise runs_io.ArtifactError(
+            f"The shards in {directory} were captured with different batch sizes ({sizes}), so their statistics "
+            "do not match one run's. Pass --overwrite to capture them again."
+        )
+    if requested != "auto" and int(requested) != sizes[0]:
+        raise runs_io.ArtifactError(
+            f"The capture in {directory} was begun with batch size {sizes[0]} ({len(recorded)} shard(s) done), not "
+            f"{requested}; the statistics depend on the batch size, so it resumes only with the same one: pass "
+            f"--batch-size {sizes[0]} (or auto, which reuses it), or --overwrite to start over."
+        )
+    return sizes[0]
 
 
 def _moments_table(moments: dict[tuple[str, int], RunningMoments], layers: Sequence[int], width: int) -> pa.Table:
@@ -876,6 +1007,7 @@ def _capture_shard(ctx: _StageContext, shard: int, rows: np.ndarray, bar: _Progr
         "num_samples": len(rows),
         "sample_ids": shard_samples["sample_id"].astype(int).tolist(),
         "key_digest": ctx.key_digest,
+        "batch_size": ctx.batch_size,  # a resume must use the same (see _resumed_batch_size)
         "num_tokens": tokens,
         "layers": ctx.layers,
         "width": ctx.width,
@@ -916,6 +1048,7 @@ def collect_concept(
     max_new_tokens: int = 64,
     progress: bool = True,
     workers: Workers | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> CaptureSummary:
     """Capture ``concept``'s pairs into ``capture_dir(run, concept, site, policy)``, continuing
     a capture that was interrupted.
@@ -927,11 +1060,19 @@ def collect_concept(
     for bit. A shard holds ``shard_size`` samples of similar prompt length (see
     :func:`_shard_assignment`); ``load_activations`` returns them in sample order.
 
+    One writer at a time: the main process holds ``writer.lock`` (an OS file lock, dropped when
+    it exits) from before it changes anything in the directory (``overwrite``'s deletion
+    included) until the statistics are merged; a second writer is refused. A resume keeps only
+    shards that read back whole (every page's checksum verified), and captures with the batch
+    size of the shards it keeps ("auto" reuses it; another size is refused), so its statistics
+    equal an uninterrupted run's. ``log`` gets one-line notices (default: stderr).
+
     Data parallel: under ``accelerate launch`` (``workers`` with ``world > 1``) the main process
     checks and prepares the directory, every process captures every ``world``-th missing shard
     on its own device, and the main process merges all partials in shard order, so the
     statistics equal a one-process capture's bit for bit.
     """
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     start = time.perf_counter()
     workers = workers or Workers()
     check_options(site, policy, batch_size, shard_size, max_new_tokens)
@@ -990,85 +1131,110 @@ def collect_concept(
     }
 
     manifest_path = directory / MANIFEST_FILE
-
-    def prepare() -> None:
-        if overwrite and directory.exists():
-            shutil.rmtree(directory)
-        if manifest_path.exists():
-            existing = runs_io.read_json(manifest_path)
-            _check_key(directory, existing, key, manifest)
-            manifest["created"] = existing.get("created", manifest["created"])
-        elif directory.exists() and any(directory.glob("*shard-*.parquet")):
-            raise runs_io.ArtifactError(
-                f"{directory} holds shards but no {MANIFEST_FILE}, so they cannot be checked against this "
-                "capture. Pass --overwrite to discard them and start over."
-            )
-        directory.mkdir(parents=True, exist_ok=True)
-        _remove_temp_files(directory)
-        runs_io.write_json(manifest_path, manifest)
-        if not (directory / PAIRS_FILE).exists():
-            runs_io.write_parquet(directory / PAIRS_FILE, pairs, metadata={"kind": "pairs", "digest": digest_of_pairs})
-
-    # The main process alone touches the directory before the capture; its errors reach every process.
-    workers.main_first(prepare if workers.is_main else lambda: None)
-
     prompts = [
         render_prompt(tokenizer, message, prefix)
         for message, prefix in zip(samples["message"], samples["response_prefix"], strict=True)
     ]
     encoded = _encode(tokenizer, prompts)
     shards = _shard_assignment(encoded, shard_size)
-    # Which shards are missing, as the main process sees them before anyone writes one.
-    todo = workers.from_main(
-        [s for s in range(len(shards)) if not _shard_is_complete(directory, s, key_digest)]
-        if workers.is_main else None
-    )
-    missing = set(todo)
-    resumed_from = sum(len(shards[s]) for s in range(len(shards)) if s not in missing)
-    mine = workers.share(todo)
-    stage_params = {"site": site, "policy": policy, "layers": layer_list, "path": str(directory)}
-    if workers.is_main:
-        run.record_stage("collect", concept, "running", **stage_params)
+    lock = _WriterLock(directory)
 
+    def prepare() -> tuple[list[int], int | None]:
+        """Lock, check and set up the directory; return the shards to capture and the batch size
+        to capture them with (None: probe)."""
+        lock.acquire(log)  # before anything in the directory changes
+        try:
+            legacy_size = None
+            if overwrite:
+                _clear_capture(directory)
+            if manifest_path.exists():
+                existing = runs_io.read_json(manifest_path)
+                _check_key(directory, existing, key, manifest)
+                manifest["created"] = existing.get("created", manifest["created"])
+                legacy_size = existing.get("batch_size")  # for shards written before shards recorded theirs
+            elif any(directory.glob("*shard-*.parquet")):
+                raise runs_io.ArtifactError(
+                    f"{directory} holds shards but no {MANIFEST_FILE}, so they cannot be checked against this "
+                    "capture. Pass --overwrite to discard them and start over."
+                )
+            _remove_temp_files(directory)
+            todo, recorded = [], {}
+            for shard in range(len(shards)):
+                meta = _complete_shard(directory, shard, key_digest, log)
+                if meta is None:
+                    todo.append(shard)
+                elif isinstance(size := meta.get("batch_size", legacy_size), int):
+                    recorded[shard] = size
+            size = _resumed_batch_size(directory, batch_size, recorded)
+            manifest["batch_size"] = batch_size if size is None else size
+            runs_io.write_json(manifest_path, manifest)
+            if not (directory / PAIRS_FILE).exists():
+                runs_io.write_parquet(
+                    directory / PAIRS_FILE, pairs, metadata={"kind": "pairs", "digest": digest_of_pairs}
+                )
+            return todo, size
+        except BaseException:
+            lock.release()
+            raise
+
+    # The main process alone touches the directory before the capture; its errors reach every process.
+    plan = workers.main_first(prepare if workers.is_main else lambda: None)
+    stage_params = {"site": site, "policy": policy, "layers": layer_list, "path": str(directory)}
     try:
-        if mine:
+        todo, fixed_size = workers.from_main(plan)
+        missing = set(todo)
+        resumed_from = sum(len(shards[s]) for s in range(len(shards)) if s not in missing)
+        mine = workers.share(todo)
+        if workers.is_main:
+            run.record_stage("collect", concept, "running", **stage_params)
+        if todo:
             device = input_device(model)
             pad_id = pad_token_id(tokenizer)
             with _SiteRecorder(arch, site, policy, layer_list) as recorder:
-                probe_set = [encoded[i] for s in mine for i in shards[s]]
-                extra = max_new_tokens if policy == "response-mean" else 0
-                size = _resolve_batch_size(batch_size, recorder, model, probe_set, pad_id, device, extra_tokens=extra)
-                manifest["batch_size"] = size
-                if workers.is_main:
-                    runs_io.write_json(manifest_path, manifest)
-                ctx = _StageContext(
-                    model=model, tokenizer=tokenizer, recorder=recorder, samples=samples, prompts=prompts,
-                    encoded=encoded, layers=layer_list, width=width, batch_size=size,
-                    max_new_tokens=max_new_tokens, pad_id=pad_id, device=device, directory=directory,
-                    key_digest=key_digest,
-                )
-                # Compressing and writing a shard takes the CPU a while: a writer thread does it
-                # while the device captures the next shard. At most one write is pending, so host
-                # memory holds two shards at most; leaving the block waits for the last write.
-                pending: Future[None] | None = None
-                with (
-                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpnle-shard-writer") as writer,
-                    _Progress(
-                        len(samples) if not workers.distributed else sum(len(shards[s]) for s in mine),
-                        f"{concept} {site}/{policy}" + (f" [process {workers.rank + 1}/{workers.world}]"
-                                                         if workers.distributed else ""),
-                        progress and workers.is_main,
-                    ) as bar,
-                ):
-                    if not workers.distributed:
-                        bar.skip(resumed_from)
-                    for shard in mine:
-                        write = _capture_shard(ctx, shard, shards[shard], bar)
+                size = fixed_size
+                if size is None:
+                    # "auto" with nothing captured yet: the main process probes for every process
+                    # (its share starts with the longest missing shard); the manifest and every
+                    # shard record the size, and a resume reuses it.
+                    def probe() -> int:
+                        probe_set = [encoded[i] for s in mine for i in shards[s]]
+                        extra = max_new_tokens if policy == "response-mean" else 0
+                        return _resolve_batch_size("auto", recorder, model, probe_set, pad_id, device,
+                                                   extra_tokens=extra)
+
+                    size = workers.from_main(workers.main_first(probe if workers.is_main else lambda: None))
+                    manifest["batch_size"] = size
+                    if workers.is_main:
+                        runs_io.write_json(manifest_path, manifest)
+                if mine:
+                    ctx = _StageContext(
+                        model=model, tokenizer=tokenizer, recorder=recorder, samples=samples, prompts=prompts,
+                        encoded=encoded, layers=layer_list, width=width, batch_size=size,
+                        max_new_tokens=max_new_tokens, pad_id=pad_id, device=device, directory=directory,
+                        key_digest=key_digest,
+                    )
+                    # Compressing and writing a shard takes the CPU a while: a writer thread does it
+                    # while the device captures the next shard. At most one write is pending, so host
+                    # memory holds two shards at most; leaving the block waits for the last write.
+                    pending: Future[None] | None = None
+                    with (
+                        ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpnle-shard-writer") as writer,
+                        _Progress(
+                            len(samples) if not workers.distributed else sum(len(shards[s]) for s in mine),
+                            f"{concept} {site}/{policy}" + (f" [process {workers.rank + 1}/{workers.world}]"
+                                                             if workers.distributed else ""),
+                            progress and workers.is_main,
+                        ) as bar,
+                    ):
+                        if not workers.distributed:
+                            bar.skip(resumed_from)
+                        for shard in mine:
+                            write = _capture_shard(ctx, shard, shards[shard], bar)
+                            if pending is not None:
+                                pending.result()
+                            pending = writer.submit(write)
                         if pending is not None:
                             pending.result()
-                        pending = writer.submit(write)
-                    if pending is not None:
-                        pending.result()
         workers.barrier()  # every shard is on disk
         if not workers.is_main:
             seconds = time.perf_counter() - start
@@ -1092,6 +1258,8 @@ def collect_concept(
         if workers.is_main:
             run.record_stage("collect", concept, "failed", error=f"{type(exc).__name__}: {exc}", **stage_params)
         raise
+    finally:
+        lock.release()
     seconds = time.perf_counter() - start
     run.record_stage(
         "collect", concept, "done", num_samples=int(len(samples)), num_tokens=num_tokens,

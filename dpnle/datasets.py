@@ -24,7 +24,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -545,8 +545,27 @@ def _is_cached(entry: DatasetFile, target: Path) -> bool:
     return _cached_sha256(target) == entry.sha256
 
 
+def is_pinned(name: str) -> bool:
+    """True when the file has a pinned SHA-256, so that fetching it verifies its bytes."""
+    return get_entry(name).sha256 is not None
+
+
+def fetch_summary(names: Sequence[str]) -> str:
+    """The closing line of ``dpnle data fetch``: which files were verified against a pinned
+    SHA-256, and which could not be (no pinned digest)."""
+    unpinned = [name for name in names if not is_pinned(name)]
+    line = f"{len(names) - len(unpinned)} file(s) verified against a pinned SHA-256."
+    if unpinned:
+        line += (
+            f" {len(unpinned)} not verified (no pinned digest): {', '.join(unpinned)}; results built on "
+            "them may not reproduce exactly."
+        )
+    return line
+
+
 def fetch(name: str, force: bool = False) -> Path:
-    """Return the cached, hash-verified local copy of a registry file, getting it first if needed.
+    """Return the cached local copy of a registry file, getting it first if needed; a pinned
+    file's bytes are verified against its SHA-256 (an unpinned one, see :func:`is_pinned`, cannot be).
 
     Sources, in order: the cache; ``$DPNLE_DATA_MIRROR`` when set; the pinned GitHub URL.
     """
@@ -666,6 +685,11 @@ class VerifyResult:
     @property
     def ok(self) -> bool:
         return self.present and self.hash_ok is not False
+
+    @property
+    def verified(self) -> bool:
+        """Present and equal to a pinned SHA-256 (``ok`` also holds for an unpinned file)."""
+        return self.present and self.hash_ok is True
 
 
 def verify(name: str) -> VerifyResult:

@@ -13,6 +13,8 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +97,7 @@ def list_models() -> list[dict[str, str]]:
     cache = models_cache_dir()
     for folder in sorted(cache.iterdir()):
         info = folder / "dpnle_source.json"
-        if info.exists():
+        if info.exists() and STAGING_MARK not in folder.name:
             meta = json.loads(info.read_text())
             rows.append(
                 {"name": meta.get("source", folder.name), "kind": "converted GGUF", "source": str(folder), "status": "cached"}
@@ -111,6 +113,58 @@ def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+STAGING_MARK = ".tmp-"  # a conversion in progress: <model>.tmp-<host>-<pid>
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (when unsure: yes)."""
+    if pid < 1 or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_conversions(cache: Path | None = None) -> list[Path]:
+    """Delete the staging folders of GGUF conversions whose process is gone (killed mid-conversion,
+    they hold a full-size model). A folder of a live process, or of another machine sharing the
+    cache, is left alone. Returns the folders removed."""
+    cache = cache if cache is not None else models_cache_dir()
+    host = socket.gethostname()
+    removed = []
+    for folder in cache.glob(f"*{STAGING_MARK}*"):
+        owner, _, pid = folder.name.rpartition(STAGING_MARK)[2].rpartition("-")
+        if not folder.is_dir() or not pid.isdigit() or owner not in ("", host) or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+# What a truncated or garbage weights file raises inside transformers, gguf and safetensors
+# (safetensors' own error is a plain Exception subclass, matched by name below).
+_UNREADABLE_WEIGHTS = (ValueError, EOFError, IndexError, KeyError, struct.error, OSError)
+
+
+def _damaged_file_errors() -> tuple[type[BaseException], ...]:
+    """What reading a truncated or garbage file raises, short of a missing file (OSError)."""
+    found: list[type[BaseException]] = [ValueError, EOFError, struct.error]
+    with contextlib.suppress(ImportError):
+        from safetensors import SafetensorError
+
+        found.append(SafetensorError)
+    return tuple(found)
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
 def convert_gguf(gguf_path: Path, force: bool = False) -> Path:
     """Dequantize a GGUF file into a cached HF folder (once); return the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -119,16 +173,23 @@ def convert_gguf(gguf_path: Path, force: bool = False) -> Path:
     target = models_cache_dir() / f"{gguf_path.stem}-{digest}"
     if (target / "dpnle_source.json").exists() and not force:
         return target
-    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    remove_stale_conversions(target.parent)
+    staging = target.with_name(f"{target.name}{STAGING_MARK}{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent),
-            gguf_file=gguf_path.name,
-            quantization_config=GgufConfig(dequantize=True),
-            dtype=torch.float32,
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent),
+                gguf_file=gguf_path.name,
+                quantization_config=GgufConfig(dequantize=True),
+                dtype=torch.float32,
+            )
+        except _UNREADABLE_WEIGHTS as exc:
+            raise ModelLoadError(
+                f"{gguf_path} is not a readable GGUF model ({_reason(exc)}): it is truncated, damaged or not a "
+                "GGUF file. Download it again, or pass another file."
+            ) from None
         # The saved folder is a plain dense checkpoint: drop the GGUF loading options.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -236,6 +297,11 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
+    except _damaged_file_errors() as exc:
+        raise ModelLoadError(
+            f"Cannot load model {spec!r} from {source} ({_reason(exc)}): a weights, config or tokenizer file "
+            "there is truncated or damaged. Restore or re-download the files, or pass another model."
+        ) from None
     except OSError as local_error:
         if is_local or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ModelLoadError(

@@ -149,9 +149,16 @@ def make_pairs(
             high = [(f"{concept.name}-high-{i}", t) for i, t in enumerate(personas["high"])]
             low = [(f"{concept.name}-low-{i}", t) for i, t in enumerate(personas["low"])]
         pool = load_question_pool(questions_path)
+        distinct = len({q.text for q in pool}) * len({t for _, t in high}) * len({t for _, t in low})
+        if num_pairs > distinct:
+            raise PairsError(
+                f"Recipe {recipe!r} makes at most {distinct} distinct pairs for {concept.name!r} (questions x high "
+                f"x low personas); pass --num-pairs {distinct} or fewer."
+            )
         q_idx = _cycled_permutation(rng, len(pool), num_pairs)
         h_idx = rng.integers(0, len(high), size=num_pairs)
         l_idx = rng.integers(0, len(low), size=num_pairs)
+        _redraw_duplicates(rng, pool, high, low, q_idx, h_idx, l_idx, recipe, concept.name)
         rows = []
         for k in range(num_pairs):
             q = pool[q_idx[k]]
@@ -175,10 +182,46 @@ def make_pairs(
     return frame[PAIR_COLUMNS]
 
 
+def _redraw_duplicates(
+    rng: np.random.Generator,
+    pool: list[Question],
+    high: list[tuple[str, str]],
+    low: list[tuple[str, str]],
+    q_idx: np.ndarray,
+    h_idx: np.ndarray,
+    l_idx: np.ndarray,
+    recipe: str,
+    concept: str,
+) -> None:
+    """Make every pair distinct (in place): a question drawn again may draw the same two personas
+    again; such a pair takes personas not yet paired with that question. A draw without such a
+    repeat is left as it was, so its pair set (and digest) is the same as before this check."""
+    seen: set[tuple[str, str, str]] = set()
+    for k in range(len(q_idx)):
+        question = pool[q_idx[k]].text
+        key = (question, high[h_idx[k]][1], low[l_idx[k]][1])
+        if key in seen:
+            free = [(h, lo) for h in range(len(high)) for lo in range(len(low))
+                    if (question, high[h][1], low[lo][1]) not in seen]
+            if not free:
+                raise PairsError(
+                    f"Recipe {recipe!r} has no persona pair left for the question {question!r} of {concept!r} "
+                    f"(it repeats in the question pool); pass fewer --num-pairs, or a question file without repeats."
+                )
+            h_idx[k], l_idx[k] = free[int(rng.integers(0, len(free)))]
+            key = (question, high[h_idx[k]][1], low[l_idx[k]][1])
+        seen.add(key)
+
+
 def _anthropic_pairs(concept: Concept, num_pairs: int, rng: np.random.Generator) -> list[dict]:
     from dpnle import datasets
 
     statements = datasets.load_anthropic_persona(concept.name)
+    if num_pairs > len(statements):
+        raise PairsError(
+            f"Recipe 'anthropic-persona' has {len(statements)} statements for {concept.name!r}, one pair each; "
+            f"pass --num-pairs {len(statements)} or fewer (or the personalitybench recipe for more pairs)."
+        )
     order = _cycled_permutation(rng, len(statements), num_pairs)
     rows = []
     for k in range(num_pairs):

@@ -262,7 +262,7 @@ def test_stage_writes_shards_stats_and_manifest(models, tmp_path):
         "manifest.json", "pairs.parquet",
         "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet", "shard-00003.parquet",
         "stats-shard-00000.parquet", "stats-shard-00001.parquet", "stats-shard-00002.parquet",
-        "stats-shard-00003.parquet", "stats.parquet",
+        "stats-shard-00003.parquet", "stats.parquet", "writer.lock",
     ]
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["batch_size"] == 4 and manifest["width"] == 64
@@ -354,6 +354,79 @@ def test_resume_skips_complete_shards_and_gives_identical_stats(models, tmp_path
     assert summary.num_tokens == json.loads((capture_dir(clean, "openness") / "manifest.json").read_text())["num_tokens"]
 
 
+def _drop_last_shard(directory: Path, shard: int) -> None:
+    """What a kill leaves: one shard and the merged statistics gone."""
+    for name in (f"shard-{shard:05d}.parquet", f"stats-shard-{shard:05d}.parquet", "stats.parquet"):
+        (directory / name).unlink()
+
+
+def test_a_resume_with_another_batch_size_is_refused(models, tmp_path):
+    model, tokenizer = models["llama"]
+    loaded, pairs = _loaded(model, tokenizer), tiny_pairs(6)
+    clean = _run(tmp_path, "clean")
+    collect_concept(clean, loaded, "openness", pairs=pairs, batch_size=2, shard_size=4, progress=False)
+    resumed = _run(tmp_path, "resumed")
+    collect_concept(resumed, loaded, "openness", pairs=pairs, batch_size=2, shard_size=4, progress=False)
+    directory = capture_dir(resumed, "openness")
+    assert parquet_metadata(directory / "shard-00000.parquet")["batch_size"] == 2
+    _drop_last_shard(directory, 2)
+    before = sorted(p.name for p in directory.iterdir())
+    with pytest.raises(ArtifactError, match=r"begun with batch size 2 .*not 3.*pass --batch-size 2 .*--overwrite"):
+        collect_concept(resumed, loaded, "openness", pairs=pairs, batch_size=3, shard_size=4, progress=False)
+    assert sorted(p.name for p in directory.iterdir()) == before
+    # auto reuses the recorded size, so the statistics are an uninterrupted run's.
+    summary = collect_concept(resumed, loaded, "openness", pairs=pairs, batch_size="auto", shard_size=4,
+                              progress=False)
+    assert summary.resumed_from == 8
+    assert json.loads((directory / "manifest.json").read_text())["batch_size"] == 2
+    assert parquet_metadata(directory / "shard-00002.parquet")["batch_size"] == 2
+    clean_stats = read_parquet_table(capture_dir(clean, "openness") / "stats.parquet")
+    assert read_parquet_table(directory / "stats.parquet").equals(clean_stats)
+
+
+def test_auto_batch_size_is_recorded_and_reused_on_resume(models, tmp_path, monkeypatch):
+    model, tokenizer = models["llama"]
+    loaded, pairs = _loaded(model, tokenizer), tiny_pairs(6)
+    monkeypatch.setattr(collect_mod, "CPU_BATCH_SIZE", 3)  # what "auto" picks on this machine
+    run = _run(tmp_path)
+    collect_concept(run, loaded, "openness", pairs=pairs, batch_size="auto", shard_size=4, progress=False)
+    directory = capture_dir(run, "openness")
+    assert json.loads((directory / "manifest.json").read_text())["batch_size"] == 3
+    first = read_parquet_table(directory / "stats.parquet")
+    _drop_last_shard(directory, 1)
+    monkeypatch.setattr(collect_mod, "CPU_BATCH_SIZE", 16)  # another machine would pick another size
+    collect_concept(run, loaded, "openness", pairs=pairs, batch_size="auto", shard_size=4, progress=False)
+    assert parquet_metadata(directory / "shard-00001.parquet")["batch_size"] == 3
+    assert json.loads((directory / "manifest.json").read_text())["batch_size"] == 3
+    assert read_parquet_table(directory / "stats.parquet").equals(first)
+
+
+def test_a_held_writer_lock_refuses_before_anything_changes(models, tmp_path):
+    import fcntl
+
+    model, tokenizer = models["llama"]
+    run, loaded = _run(tmp_path), _loaded(model, tokenizer)
+    collect_concept(run, loaded, "openness", pairs=tiny_pairs(3), batch_size=4, shard_size=4, progress=False)
+    directory = capture_dir(run, "openness")
+    before = {p.name: p.read_bytes() for p in directory.iterdir() if p.name != "writer.lock"}
+    with open(directory / "writer.lock", "r+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.truncate()
+        holder.write(json.dumps({"pid": 4242, "command": "dpnle collect-activations --run r", "since": "now"}))
+        holder.flush()
+        with pytest.raises(ArtifactError, match=r"being written by another process \(pid 4242: dpnle "
+                                                r"collect-activations --run r.*kill 4242"):
+            collect_concept(run, loaded, "openness", pairs=tiny_pairs(2), batch_size=4, shard_size=4,
+                            overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name != "writer.lock"} == before
+    # Released (as the kernel does when the holder exits): the overwrite goes through.
+    summary = collect_concept(run, loaded, "openness", pairs=tiny_pairs(2), batch_size=4, shard_size=4,
+                              overwrite=True, progress=False)
+    assert summary.num_samples == 4 and (directory / "writer.lock").exists()
+    record = json.loads((directory / "writer.lock").read_text())
+    assert record["pid"] == os.getpid()
+
+
 def test_mismatched_capture_is_refused_and_overwrite_starts_over(models, tmp_path):
     model, tokenizer = models["llama"]
     run, loaded = _run(tmp_path), _loaded(model, tokenizer)
@@ -415,12 +488,21 @@ _VICTIM = textwrap.dedent(
     torch.set_num_threads(1)
     loaded = load_model({model!r}, device="cpu")
     # Slow it down, so the kill lands mid-run.
-    loaded.model.model.layers[0].register_forward_pre_hook(lambda *args: time.sleep(0.3))
-    run = Run.create_or_open("killed", loaded.model_id, root=__import__("pathlib").Path({root!r}))
-    collect_concept(run, loaded, "openness", pairs=tiny_pairs({num_pairs}), batch_size=2, shard_size=2,
-                    progress=False)
+    loaded.model.model.layers[0].register_forward_pre_hook(lambda *args: time.sleep({sleep}))
+    run = Run.create_or_open({name!r}, loaded.model_id, root=__import__("pathlib").Path({root!r}))
+    collect_concept(run, loaded, "openness", pairs=tiny_pairs({num_pairs}), batch_size={batch},
+                    shard_size={shard}, progress=False)
     """
 )
+
+
+def _spawn_capture(tmp_path: Path, model_dir: Path, name: str, num_pairs: int, batch: int, shard: int,
+                   sleep: float) -> subprocess.Popen:
+    code = _VICTIM.format(tests=str(TESTS_DIR), model=str(model_dir), root=str(tmp_path), num_pairs=num_pairs,
+                          name=name, batch=batch, shard=shard, sleep=sleep)
+    env = {**os.environ, "DPNLE_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_killed_capture_resumes_to_the_same_statistics(tmp_path):
@@ -428,13 +510,12 @@ def test_killed_capture_resumes_to_the_same_statistics(tmp_path):
 
     model_dir = save_model(tmp_path / "model")
     num_pairs = 8
-    code = _VICTIM.format(tests=str(TESTS_DIR), model=str(model_dir), root=str(tmp_path), num_pairs=num_pairs)
-    env = {**os.environ, "DPNLE_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
-    victim = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    victim = _spawn_capture(tmp_path, model_dir, "killed", num_pairs, batch=2, shard=2, sleep=0.3)
     directory = tmp_path / "killed" / "activations" / "openness" / "mlp-last"
     kill_when(victim, lambda: (directory / "shard-00000.parquet").exists(), timeout=120)
     assert not (directory / "stats.parquet").exists(), "killed too late: the capture had finished"
+    # The dead writer's lock file stays, its lock went with it: the restart below takes it.
+    assert json.loads((directory / "writer.lock").read_text())["pid"] == victim.pid
 
     # The same model, loaded the same way, in this process (one thread, like the victim).
     loaded = load_model(str(model_dir), device="cpu")
@@ -450,6 +531,48 @@ def test_killed_capture_resumes_to_the_same_statistics(tmp_path):
     for shard in sorted(clean_dir.glob("shard-*.parquet")):
         assert read_parquet_table(directory / shard.name).equals(read_parquet_table(shard))
     assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):
+    """The issue's repro: a 12-pair capture runs, a 4-pair --overwrite of it starts. The second is
+    refused before it changes anything; the first ends as an undisturbed run would."""
+    import time
+
+    from dpnle.models import load_model
+
+    model_dir = save_model(tmp_path / "model")
+    loaded = load_model(str(model_dir), device="cpu")
+    first = _spawn_capture(tmp_path, model_dir, "c", 12, batch=4, shard=4, sleep=0.5)
+    directory = tmp_path / "c" / "activations" / "openness" / "mlp-last"
+    try:
+        deadline = time.monotonic() + 120
+        while not (directory / "stats-shard-00000.parquet").exists():
+            assert first.poll() is None, f"the first writer ended early: {first.stderr.read()}"
+            assert time.monotonic() < deadline, "the first writer never wrote a shard"
+            time.sleep(0.005)
+        with pytest.raises(ArtifactError) as refused:
+            collect_concept(Run.open(tmp_path / "c"), loaded, "openness", pairs=tiny_pairs(4), batch_size=4,
+                            shard_size=4, overwrite=True, progress=False)
+        assert first.poll() is None, "the first writer had finished: nothing was tested"
+        message = str(refused.value)
+        assert f"pid {first.pid}: python -c" in message and f"kill {first.pid}" in message, message
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+    clean_run = Run.create_or_open("clean", loaded.model_id, root=tmp_path)
+    collect_concept(clean_run, loaded, "openness", pairs=tiny_pairs(12), batch_size=4, shard_size=4, progress=False)
+    clean_dir = capture_dir(clean_run, "openness")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["pairs"]["num_pairs"] == 12
+    assert read_parquet_table(directory / "pairs.parquet").num_rows == 12
+    assert read_parquet_table(directory / "stats.parquet").equals(read_parquet_table(clean_dir / "stats.parquet"))
+    assert sorted(p.name for p in directory.glob("*shard-*")) == sorted(p.name for p in clean_dir.glob("*shard-*"))
+    for shard in clean_dir.glob("*shard-*.parquet"):
+        assert read_parquet_table(directory / shard.name).equals(read_parquet_table(shard)), shard.name
+    assert Run.open(tmp_path / "c").stage_status("collect", "openness")["status"] == "done"
 
 
 # ---------------------------------------------------------------------------------------------

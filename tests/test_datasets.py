@@ -235,6 +235,22 @@ def test_unpinned_entry_downloads_with_a_warning(cache: Path, monkeypatch: pytes
     assert datasets.verify("pb-search-openness").hash_ok is None
 
 
+def test_an_unpinned_file_is_never_called_verified(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = b'{"BFI": "Openness", "tag": "Imagination", "sign": "+", "question": "What would you invent?"}\n'
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: _FakeResponse(lines))
+    with pytest.warns(datasets.UnpinnedDatasetWarning):
+        datasets.fetch("pb-search-openness")
+    datasets.fetch("mpi120")
+    assert not datasets.is_pinned("pb-search-openness") and datasets.is_pinned("mpi120")
+    result = datasets.verify("pb-search-openness")
+    assert result.present and result.ok and not result.verified  # present and unchecked: not "verified"
+    assert datasets.verify("mpi120").verified
+    line = datasets.fetch_summary(["mpi120", "pb-search-openness"])
+    assert line.startswith("1 file(s) verified against a pinned SHA-256.")
+    assert "1 not verified (no pinned digest): pb-search-openness" in line
+    assert datasets.fetch_summary(["mpi120"]) == "1 file(s) verified against a pinned SHA-256."
+
+
 def test_pb_search_reads_a_user_file(tmp_path: Path) -> None:
     user_file = tmp_path / "Openness.json"
     user_file.write_text('{"question": "First?"}\n\n{"question": "Second?"}\n', encoding="utf-8")

@@ -105,3 +105,78 @@ def test_embedded_model_loads_offline_and_answers(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert loaded.fingerprint["class"] == "LlamaForCausalLM" and loaded.fingerprint["num_layers"] == 30
+
+
+def test_a_killed_conversion_leaves_no_stale_folder_behind(tmp_path, monkeypatch):
+    """A GGUF conversion killed mid-way leaves a full-size ``<model>.tmp-...`` folder; the next
+    conversion removes those of dead processes, never one of a live process or another machine."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("DPNLE_CACHE", str(tmp_path / "cache"))
+    cache = models.models_cache_dir()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    folders = {
+        "dead-legacy": cache / f"Other-0123.tmp-{ended.pid}",  # the name before host names were added
+        "dead": cache / f"Model-4567.tmp-{host}-{ended.pid}",
+        "live": cache / f"Model-4567.tmp-{host}-{os.getpid()}",
+        "other-machine": cache / f"Model-4567.tmp-elsewhere-{ended.pid}",
+    }
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 1024)
+        (folder / "dpnle_source.json").write_text("{}")
+    assert not any(".tmp-" in row["source"] for row in models.list_models())
+
+    gguf = tmp_path / "Model.gguf"
+    gguf.write_bytes(b"not really a gguf")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop  # the conversion itself is not what is tested
+
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", stop)
+    with pytest.raises(Stop):
+        models.convert_gguf(gguf)
+    left = {name for name, folder in folders.items() if folder.exists()}
+    assert left == {"live", "other-machine"}
+    assert not [p for p in cache.iterdir() if p.name.startswith("Model-") and p not in folders.values()], \
+        "the interrupted conversion's own staging folder is removed"
+
+
+@pytest.mark.parametrize("content", [b"GGUF\x03\x00\x00\x00", b"not a gguf file at all" * 100])
+def test_a_truncated_or_garbage_gguf_is_one_clear_error(tmp_path, monkeypatch, content):
+    from dpnle.models import ModelLoadError, load_model
+
+    monkeypatch.setenv("DPNLE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match="is not a readable GGUF model .*Download it again"):
+        load_model(str(path), fingerprint=False)
+    # Nothing half-made is left in the model cache.
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_dir() and ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_safetensors_file_is_one_clear_error(tmp_path, damage):
+    from helpers import save_model
+
+    from dpnle.models import ModelLoadError, load_model
+
+    folder = save_model(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:2000])
+    else:
+        weights.write_bytes(b"\xff" * 3000)
+    with pytest.raises(ModelLoadError, match="truncated or damaged"):
+        load_model(str(folder), fingerprint=False, device="cpu")

@@ -88,6 +88,31 @@ def test_anthropic_recipe_answers_differ_by_pole(mirror_available):
         assert {row.high_response_prefix, row.low_response_prefix} == {"Yes", "No"}
 
 
+def test_more_pairs_than_statements_is_refused_not_duplicated(mirror_available):
+    with pytest.raises(PairsError, match=r"has 1000 statements for 'openness', one pair each; pass --num-pairs 1000"):
+        make_pairs("openness", recipe="anthropic-persona", num_pairs=2500)
+    pairs = make_pairs("openness", recipe="anthropic-persona", num_pairs=1000)
+    assert not pairs.duplicated(["question", "high_response_prefix", "low_response_prefix"]).any()
+
+
+@pytest.mark.parametrize("concept", ["universalism", "openness"])
+def test_no_pair_is_an_exact_duplicate(concept, mirror_available):
+    # The values recipe (12 x 12 personas) drew the same question and personas twice 2-8 times in
+    # 1,000 pairs; a repeat now takes personas not yet used with its question.
+    pairs = make_pairs(concept, num_pairs=2500)
+    assert len(pairs) == 2500
+    assert not pairs.duplicated(["high_message", "low_message"]).any()
+
+
+def test_a_pair_count_beyond_the_distinct_pairs_is_refused(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "Why?"}\n{"question": "How?"}\n')
+    with pytest.raises(PairsError, match=r"at most 288 distinct pairs .*--num-pairs 288"):
+        make_pairs("power", num_pairs=289, questions_path=questions)
+    pairs = make_pairs("power", num_pairs=288, questions_path=questions)
+    assert not pairs.duplicated(["high_message", "low_message"]).any()
+
+
 def test_wrong_recipe_for_concept_kind():
     with pytest.raises(PairsError, match="values"):
         make_pairs("power", recipe="personalitybench")

@@ -161,6 +161,32 @@ def test_statistics_rebuild_from_the_shards_as_the_error_says(runs, templates):
     pd.testing.assert_frame_equal(read_parquet(path), before)
 
 
+@pytest.mark.parametrize("name", ["shard-00001.parquet", "stats-shard-00001.parquet"])
+@pytest.mark.parametrize("damage", [flip_a_byte_in_the_middle, truncate])
+def test_a_damaged_shard_is_captured_again_on_resume(tmp_path, name, damage):
+    """A shard whose footer reads but a data page does not (or is cut short) is not kept as
+    complete: a re-run says so on one line and captures it again, to an undisturbed run's bits."""
+    loaded = _loaded(0)
+    options = {"pairs": tiny_pairs(6), "batch_size": 2, "shard_size": 4, "progress": False}
+    run = _new_run(tmp_path, "r", loaded)
+    collect_concept(run, loaded, "openness", **options)
+    directory = capture_dir(run, "openness")
+    clean = shutil.copytree(directory, tmp_path / "clean")
+    damage(directory / name)
+    if damage is flip_a_byte_in_the_middle:
+        assert parquet_metadata(directory / name)["shard"] == 1  # the footer still reads
+    lines = []
+    summary = collect_concept(run, loaded, "openness", log=lines.append, **options)
+    assert len(lines) == 1 and str(directory / name) in lines[0] and "capturing shard 1 again" in lines[0], lines
+    assert summary.resumed_from == summary.num_samples - 4
+    for path in sorted(clean.glob("*.parquet")):
+        _frames_equal(directory / path.name, path, ignore=())
+    # Undamaged now: the next run keeps every shard and says nothing.
+    lines.clear()
+    assert collect_concept(run, loaded, "openness", log=lines.append, **options).resumed_from == 12
+    assert lines == []
+
+
 def test_a_parquet_file_of_another_kind_as_statistics_is_refused(runs, templates):
     run = copy_run(templates, runs)
     path = capture_dir(run, "openness") / "stats.parquet"
@@ -259,7 +285,7 @@ def _assert_nothing_half_written(folder: Path) -> None:
         read_json(path)
 
 
-def _frames_equal(a: Path, b: Path, ignore=("source", "sources", "seconds")) -> None:
+def _frames_equal(a: Path, b: Path, ignore=("source", "sources", "seconds", "run")) -> None:
     pd.testing.assert_frame_equal(read_parquet(a), read_parquet(b), check_exact=True)
     meta_a, meta_b = parquet_metadata(a), parquet_metadata(b)
     for key in ignore:

@@ -4,12 +4,15 @@
 
 Options can also come from a YAML file (``--config configs/x.yaml``): top-level keys apply to
 every command that has an option of that name, a section named after a command applies to it
-alone (``localize: {quantile: 0.99}``); flags on the command line win.
+alone (``localize: {quantile: 0.99}``); flags on the command line win. A key that no command
+reads (a typo, a section not named after a command) is refused, not ignored.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,8 +63,9 @@ ModelOpt = Annotated[
 ]
 RunOpt = Annotated[
     str | None,
-    typer.Option("--run", "-r", help="Run name (folder under runs/) or path. Default: for capture, the model's "
-                 "name; for later stages, the most recent run (of --model if given)."),
+    typer.Option("--run", "-r", help="Run name (a folder under runs/ or $DPNLE_RUNS), or the path of an existing "
+                 "run folder. Default: for capture, the model's name; for later stages, the most recent run (of "
+                 "--model if given)."),
 ]
 DeviceMapOpt = Annotated[
     str | None,
@@ -91,18 +95,22 @@ def _concepts(trait, value, all_traits, all_values, required: bool = True) -> li
     return concepts
 
 
-def _open_run(run: str | None, model: str | None):
+def _open_run(run: str | None, model: str | None, write: bool = False):
+    """The run a later stage works on; ``write``: the stage saves into it, so a read-only run
+    folder is refused now rather than after the work."""
     from dpnle.models import DEFAULT_MODEL, resolve_model_id
-    from dpnle.runs import Run, latest_run
+    from dpnle.runs import Run, RunNotFoundError, latest_run
 
     if run is not None:
-        return Run.open(run)
-    if model is not None:
-        return latest_run(resolve_model_id(model))
-    try:
-        return latest_run(resolve_model_id(DEFAULT_MODEL))
-    except Exception:
-        return latest_run()
+        target = Run.open(run)
+    elif model is not None:
+        target = latest_run(resolve_model_id(model))
+    else:
+        try:
+            target = latest_run(resolve_model_id(DEFAULT_MODEL))
+        except RunNotFoundError:
+            target = latest_run()
+    return target.check_writable() if write else target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,14 +156,16 @@ def collect_activations(
     collect-activations ...`."""
     from dpnle import distributed
     from dpnle.collect import check_batch_size, check_options, collect_concept
-    from dpnle.models import default_device, load_model, resolve_source
+    from dpnle.models import default_device, load_model, resolve_model_id, resolve_source
     from dpnle.pairs import make_pairs
-    from dpnle.runs import InputError, Run
+    from dpnle.runs import InputError, Run, check_writable, default_run_name, run_location
 
     concepts = _concepts(trait, value, all_traits, all_values)
     # Options that cannot work fail here, before minutes of model loading.
     batch: int | str = check_batch_size(batch_size)
     check_options(site, policy, batch, shard_size, max_new_tokens)
+    _check_layer_syntax(layers)
+    check_writable(run_location(run or default_run_name(resolve_model_id(model))), "run folder")
     if num_pairs < 1:
         raise InputError(f"--num-pairs must be at least 1, not {num_pairs}.")
     if num_processes < 1:
@@ -236,6 +246,30 @@ def _layer_list(spec: str | None, loaded) -> list[int] | None:
         raise InputError(f"--layers {spec!r}: {exc} Pass e.g. --layers 0-{num_layers - 1} or 0,4,8.") from None
 
 
+# More layers than any model has: parse_layers checks a selection's syntax against it.
+_ANY_LAYER_COUNT = 10**6
+
+
+def _check_layer_syntax(spec: str | None) -> None:
+    """The --layers checks that need no model (numbers, separators, empty ranges), before it loads.
+
+    The layer count is known once the model is loaded (_layer_list); so is whether a range from a
+    negative to a non-negative index (``-2-3``) is empty."""
+    from dpnle.arch import parse_layers
+    from dpnle.runs import InputError
+
+    if spec is None or re.search(r"(^|,)\s*-\d+-\d", spec):
+        return
+    fix = "Pass e.g. --layers 12-31, 0,4,8 or -4--1 (the last four)."
+    if spec.strip() and not any(part.strip() for part in spec.split(",")):
+        raise InputError(f"--layers {spec!r} names no layer. {fix}")
+    try:
+        parse_layers(spec, _ANY_LAYER_COUNT)
+    except ValueError as exc:
+        if "out of range" not in str(exc):  # against the real layer count, once the model is loaded
+            raise InputError(f"--layers {spec!r}: {str(exc).rstrip('.')}. {fix}") from None
+
+
 def _check_site_exists(loaded, site: str, layers: list[int] | None) -> None:
     """A site the model lacks (--site gate on GPT-2) fails before any pair is made."""
     from dpnle.arch import architecture
@@ -273,7 +307,7 @@ def localize(
 
     loc.check_parameters(method, quantile=quantile, d_threshold=d_threshold)
     concepts = [] if all_captured else _concepts(trait, value, all_traits, all_values)
-    target = _open_run(run, model)
+    target = _open_run(run, model, write=True)
     params: dict[str, Any] = {"quantile": quantile, "d_threshold": d_threshold, "layers": layers, "layer": layer}
     if all_captured:
         results = loc.localize_all(target, method=method, **params)
@@ -322,15 +356,23 @@ def _print_overlap(overlap) -> None:
 # stages 3 and 4
 
 
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+def _csv(text: str, option: str) -> list[str]:
+    """The comma-separated items of an option; an empty item (``1,,2``, ``up,``) is an error,
+    never silently dropped."""
+    from dpnle.runs import InputError
+
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        example = {"--gammas": "0.5,1,1.5", "--directions": "up,down"}.get(option, "a,b")
+        raise InputError(f"{option} {text!r} has an empty item; pass e.g. {option} {example}.")
+    return parts
 
 
 def _floats(text: str, option: str) -> list[float]:
     from dpnle.runs import InputError
 
     values = []
-    for part in _csv(text):
+    for part in _csv(text, option):
         try:
             values.append(float(part))
         except ValueError:
@@ -381,17 +423,23 @@ def edit_eval(
 
     Every condition's rows are saved as soon as it finishes; a re-run computes only what is missing."""
     from dpnle import evaluate as ev
+    from dpnle.runs import InputError
 
+    for option, count in (("--capability-limit", capability_limit), ("--open-ended-limit", open_ended_limit)):
+        if count < 0:
+            raise InputError(f"{option} must be 0 (all items) or a positive count, not {count}.")
     concepts = _concepts(trait, value, all_traits, all_values)
     eval_config = ev.EvalConfig(
-        methods=_csv(methods), directions=_csv(directions), gammas=_floats(gammas, "--gammas"),
-        benchmarks=_csv(benchmarks), scorers=_csv(scorers), limit=limit,
+        methods=_csv(methods, "--methods"), directions=_csv(directions, "--directions"),
+        gammas=_floats(gammas, "--gammas"), benchmarks=_csv(benchmarks, "--benchmarks"),
+        scorers=_csv(scorers, "--scorers"), limit=limit,
         capability_limit=capability_limit if capability_limit > 0 else None,
         open_ended_limit=open_ended_limit if open_ended_limit > 0 else None, judge=judge, positions=positions, mode=mode, seed=seed,
         random_draws=random_draws, batch_size=batch_size, valid_scorers_only=not all_scorers,
         validity_personas=validity_personas,
     )
-    target = _open_run(run, model)
+    _check_edit_options(positions, mode)
+    target = _open_run(run, model, write=True)
     loaded = _load_run_model(target, dtype=dtype, device=device, device_map=device_map,
                              max_memory=_max_memory(max_memory), offload_folder=offload_folder)
     for concept in concepts:
@@ -400,12 +448,25 @@ def edit_eval(
                       f"{len(result.reused)} reused, {result.seconds:.0f} s")
     summary = ev.summarize(ev.load_eval(target), ev.load_validity(target))
     table = ev.paper_table(summary)
-    markdown = ev.to_markdown(table)
+    stale = ev.stale_note(ev.condition_files(target))
+    markdown = ev.to_markdown(table) + (f"\n{stale}\n" if stale else "")
     from dpnle.runs import write_parquet
 
-    write_parquet(target.eval_dir / "paper_table.parquet", table, metadata={"kind": "paper-table"})
+    write_parquet(target.eval_dir / "paper_table.parquet", table, metadata={"kind": "paper-table", "run": target.name})
     (target.eval_dir / "summary.md").write_text(markdown)
     console.print(markdown, highlight=False)
+
+
+def _check_edit_options(positions: str, mode: str) -> None:
+    """edit-eval's --positions and --mode, checked before the run's model loads (EvalConfig checks
+    the other options, --judge included)."""
+    from dpnle.edits import MODES, POSITIONS
+    from dpnle.runs import InputError
+
+    if positions not in POSITIONS:
+        raise InputError(f"--positions {positions!r}: choose one of {', '.join(POSITIONS)}.")
+    if mode not in MODES:
+        raise InputError(f"--mode {mode!r}: choose one of {', '.join(MODES)}.")
 
 
 def _load_run_model(run, dtype: str, device: str | None, device_map: str | None, max_memory=None,
@@ -417,10 +478,17 @@ def _load_run_model(run, dtype: str, device: str | None, device_map: str | None,
     recorded = run.manifest().get("model", {})
     if not recorded.get("id"):
         raise ArtifactError(f"{run.manifest_path} names no model; run `dpnle collect-activations` first.")
+    expected = (recorded.get("fingerprint") or {}).get("digest")
+    if not expected:
+        # A missing provenance field is a refusal: without it nothing says the weights are the run's.
+        raise ArtifactError(
+            f"{run.manifest_path} records no fingerprint for model {recorded['id']!r}, so the model cannot be checked "
+            f"against the one run {run.name} was made with. Run `dpnle collect-activations --run {run.name} ...` "
+            "(it records the fingerprint), or start a new run."
+        )
     loaded = load_model(recorded["id"], dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                         offload_folder=offload_folder)
-    expected = recorded.get("fingerprint", {}).get("digest")
-    if expected and loaded.fingerprint.get("digest") != expected:
+    if loaded.fingerprint.get("digest") != expected:
         raise ArtifactError(
             f"The model now loaded as {recorded['id']!r} (digest {loaded.fingerprint.get('digest')}) is not the one "
             f"run {run.name} was made with (digest {expected}). Restore that model, or start a new run."
@@ -454,6 +522,9 @@ def tables(
             table = ev.paper_table(summary, kind=k)
         console.print(f"\n[bold]{k}[/] ({target.name})")
         console.print(ev.to_markdown(table.round(4) if k == "leakage" else table), highlight=False, soft_wrap=True)
+    stale = ev.stale_note(ev.condition_files(target))
+    if stale:
+        err_console.print(f"[yellow]{stale}[/yellow]", highlight=False, soft_wrap=True)
 
 
 @app.command("export")
@@ -477,12 +548,25 @@ def export(
     if len(names) != 1:
         raise typer.BadParameter("Name exactly one concept: --trait openness or --value power.")
     concept = _concepts([trait] if trait else None, [value] if value else None, False, False)[0]
+    _check_export_folder(out, overwrite)
     target = _open_run(run, None)
     edit = build_edit(target, concept.name, method, direction=direction, gamma=gamma, mode=mode, positions="all")
     loaded = _load_run_model(target, dtype="float32", device="cpu", device_map=None)
     path = export_checkpoint(loaded, loaded.tokenizer, edit, out, in_place=True, overwrite=overwrite)
     console.print(f"[green]exported[/] {concept.name} {method} {direction} gamma={gamma} "
                   f"({edit.num_neurons} neurons) -> {path}")
+
+
+def _check_export_folder(out: Path, overwrite: bool) -> None:
+    """export's folder, checked before the model loads: a new, empty or (--overwrite) replaceable
+    folder that can be written."""
+    from dpnle.runs import InputError, check_writable
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file, not a folder: pass a new or empty folder for the checkpoint.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out} exists and is not empty: pick another folder, or pass --overwrite to replace it.")
+    check_writable(out, "export folder")
 
 
 @app.command("leakage-report")
@@ -495,7 +579,7 @@ def leakage_report(
     self-contained index.html under runs/<run>/report/."""
     from dpnle.report import build_report
 
-    target = _open_run(run, model)
+    target = _open_run(run, model, write=True)
     result = build_report(target, log=lambda m: console.print(m))
     console.print(f"[green]report[/] {result.report_md}\n[green]html[/]   {result.index_html}")
 
@@ -532,8 +616,9 @@ def data_fetch(
         raise typer.BadParameter("Name datasets to fetch (see `dpnle data list`) or pass --all.")
     for name in selected:
         path = datasets.fetch(name, force=force)
-        console.print(f"[green]ok[/] {name} -> {path}")
-    console.print(f"{len(selected)} file(s) verified.")
+        note = "" if datasets.is_pinned(name) else " [yellow](not verified: no pinned digest)[/]"
+        console.print(f"[green]ok[/] {name} -> {path}{note}")
+    console.print(datasets.fetch_summary(selected))
 
 
 @data_app.command("verify")
@@ -549,8 +634,10 @@ def data_verify(
         result = datasets.verify(name)
         if not result.present:
             console.print(f"[yellow]missing[/] {name}")
-        elif result.ok:
+        elif result.verified:
             console.print(f"[green]ok[/] {name}")
+        elif result.ok:
+            console.print(f"[yellow]not verified[/] {name}: no pinned digest to check it against")
         else:
             bad += 1
             console.print(f"[red]hash mismatch[/] {name}: {result.path} has sha256 {result.actual_sha256}; "
@@ -617,21 +704,29 @@ def models_list() -> None:
 @runs_app.command("list")
 def runs_list() -> None:
     """Every run under runs/ (or $DPNLE_RUNS) with its model and finished stages."""
-    from dpnle.runs import list_runs
+    from dpnle.runs import ArtifactError, list_runs
 
     table = Table(title="runs")
     for col in ("run", "model", "stages done", "updated"):
         table.add_column(col)
+    unreadable = []
     for r in list_runs():
-        manifest = r.manifest()
+        updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.manifest_path.stat().st_mtime))
+        try:
+            manifest = r.manifest()
+        except ArtifactError as exc:  # listed as unreadable; the other runs are still listed
+            unreadable.append(str(exc))
+            table.add_row(r.name, "[red]unreadable run.json[/]", "-", updated)
+            continue
         stages = manifest.get("stages", {})
         done = ", ".join(
             f"{stage} ({sum(1 for e in entries.values() if e.get('status') == 'done')})"
             for stage, entries in stages.items()
         )
-        updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.manifest_path.stat().st_mtime))
         table.add_row(r.name, manifest.get("model", {}).get("id", "?"), done or "-", updated)
     console.print(table)
+    for problem in unreadable:
+        err_console.print(f"[yellow]warning:[/yellow] {problem}", highlight=False, soft_wrap=True)
 
 
 @runs_app.command("show")
@@ -687,12 +782,70 @@ def _default_map(command, config: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: Path) -> dict[str, Any]:
     import yaml
 
+    from dpnle.runs import InputError
+
     if not path.exists():
-        raise typer.BadParameter(f"Config file {path} does not exist.")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise InputError(f"Config file {path} does not exist: pass the path of a YAML file of option defaults "
+                         "(examples in configs/).")
+    if path.is_dir():
+        raise InputError(f"Config file {path} is a folder: pass a YAML file, e.g. configs/demo.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InputError(f"Config file {path} is not valid YAML ({problem}{where}): fix that line.") from None
+    except UnicodeDecodeError:
+        raise InputError(f"Config file {path} is not a text file: pass a YAML file of option defaults.") from None
     if not isinstance(data, dict):
-        raise typer.BadParameter(f"Config file {path} must hold a mapping of option names to values.")
+        raise InputError(f"Config file {path} must hold a mapping of option names to values (e.g. "
+                         f"'num_pairs: 64'), not a {type(data).__name__}.")
     return data
+
+
+def _options(command) -> set[str]:
+    """The option names a config can set for ``command`` (for a group: for any command in it)."""
+    subcommands = getattr(command, "commands", None)
+    if isinstance(subcommands, dict):
+        return set().union(*(_options(sub) for sub in subcommands.values()))
+    return {p.name for p in command.params if p.name and p.name != "config"}
+
+
+def _suggest(key: str, names: set[str]) -> str:
+    import difflib
+
+    for variant in (key.replace("_", "-"), key.replace("-", "_")):
+        if variant in names:
+            return f" (did you mean {variant}?)"
+    close = difflib.get_close_matches(key, sorted(names), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_config(command, config: dict[str, Any], path: Path, section: tuple[str, ...] = ()) -> None:
+    """Refuse a key no command reads (a typo would leave the default in force without a word):
+    top-level keys must be an option of some command, sections must be named after a command,
+    and a command's section may hold only its own options."""
+    from dpnle.runs import InputError
+
+    subcommands = getattr(command, "commands", None)
+    subcommands = subcommands if isinstance(subcommands, dict) else {}
+    options = _options(command)
+    command_name = f"dpnle {' '.join(section)}" if section else "dpnle"
+    for raw_key, value in config.items():
+        key, name = str(raw_key), str(raw_key).replace("-", "_")
+        if isinstance(value, dict) and key in subcommands:
+            check_config(subcommands[key], value, path, (*section, key))
+        elif isinstance(value, dict) and subcommands:
+            raise InputError(f"Config file {path}: {command_name} has no command {key!r} to name a section after"
+                             f"{_suggest(key, set(subcommands))}. Sections: {', '.join(sorted(subcommands))}.")
+        elif name not in options:
+            owner = f"{command_name} has no option" if not subcommands else f"no {command_name} command has an option"
+            raise InputError(f"Config file {path}: {owner} {key!r}{_suggest(name, options)}. "
+                             f"Valid options: {', '.join(sorted(options))}.")
+        elif isinstance(value, dict):
+            raise InputError(f"Config file {path}: option {key!r} of {command_name} takes a value, not a mapping: "
+                             f"write {key}: VALUE.")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -725,6 +878,7 @@ def _error_line(message: str) -> None:
 
 
 _ARGV: list[str] | None = None  # the command line, for --num-processes to relaunch itself
+_NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})  # met mid-stage: one line, too
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -741,7 +895,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config_path = _config_path(argv)
         if config_path is not None:
-            default_map = _default_map(command, load_config(config_path))
+            config = load_config(config_path)
+            check_config(command, config, config_path)
+            default_map = _default_map(command, config)
         command.main(args=argv, prog_name="dpnle", default_map=default_map, standalone_mode=True)
     except MainProcessFailed:
         sys.exit(2)  # a data-parallel helper process: the main process shows the error
@@ -753,7 +909,14 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         from dpnle.runs import is_disk_full  # ENOSPC, or EDQUOT (a quota used up)
 
-        if not is_disk_full(exc) or os.environ.get("DPNLE_DEBUG"):
+        if os.environ.get("DPNLE_DEBUG"):
+            raise
+        if exc.errno in _NOT_WRITABLE and exc.filename:
+            _error_line(f"{exc.strerror or os.strerror(exc.errno)}: {exc.filename}. Give yourself access to it "
+                        "(chmod u+rw), or point DPNLE_RUNS (runs) / DPNLE_CACHE (datasets, models) at a folder "
+                        "you can write.")
+            sys.exit(2)
+        if not is_disk_full(exc):
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
         _error_line(

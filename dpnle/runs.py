@@ -223,6 +223,59 @@ def default_run_name(model_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in base)
 
 
+def runs_root(root: str | os.PathLike | None = None) -> Path:
+    """The folder holding run directories (``root``, else ``$DPNLE_RUNS`` or ``./runs``); refused
+    when it is a file."""
+    path = Path(root) if root is not None else runs_dir()
+    if path.exists() and not path.is_dir():
+        where = "DPNLE_RUNS" if root is None and os.environ.get("DPNLE_RUNS") else "The runs folder"
+        raise InputError(f"{where} {str(path)!r} is a file, not a folder: point DPNLE_RUNS at a folder "
+                         "(it is created if missing), or move the file away.")
+    return path
+
+
+def is_run_name(text: str) -> bool:
+    """A plain run name (a folder directly under the runs root), not a path."""
+    separators = {"/", os.sep, os.altsep} - {None}
+    return text not in ("", ".", "..") and not any(sep in text for sep in separators)
+
+
+def run_location(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """Where ``--run`` points: a name is a folder under the runs root; anything else (a path with
+    a separator, ``..``, an absolute path) must be an existing run directory, so no run is ever
+    created outside the runs root without being asked for through ``DPNLE_RUNS``."""
+    text = str(name_or_path)
+    base = runs_root(root)
+    if is_run_name(text):
+        return base / text
+    path = Path(text).expanduser()
+    if (path / MANIFEST).is_file():
+        return path
+    raise InputError(
+        f"--run {text!r} is a path, and no run exists there ({path / MANIFEST} is missing). New runs "
+        f"go under the runs folder ({base}) by name: pass --run NAME (no '/'), or set DPNLE_RUNS to the "
+        "folder that should hold the run."
+    )
+
+
+def check_writable(path: str | os.PathLike, what: str = "folder") -> Path:
+    """Refuse, before any work, a folder that cannot be written: ``path`` itself when it exists,
+    else the nearest folder above it that does (where it would be created)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        blocked = "" if existing == path else f", so {path} cannot be created"
+        raise InputError(f"{existing} is a file, not a folder{blocked}. Move it away, or choose another {what}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(
+            f"{existing} is not writable (a read-only folder or file system), so the {what} {path} cannot be "
+            f"written. Make it writable (chmod u+w {existing}), or choose another {what}."
+        )
+    return path
+
+
 class Run:
     """A run directory and its manifest."""
 
@@ -256,8 +309,7 @@ class Run:
     # -- creation / lookup ------------------------------------------------------------------
     @classmethod
     def create_or_open(cls, name: str | None, model_id: str, root: Path | None = None) -> Run:
-        root = Path(root) if root is not None else runs_dir()
-        run = cls(root / (name or default_run_name(model_id)))
+        run = cls(run_location(name or default_run_name(model_id), root))
         if run.manifest_path.exists():
             manifest = run.manifest()
             if manifest.get("model", {}).get("id") not in (None, model_id):
@@ -281,9 +333,8 @@ class Run:
 
     @classmethod
     def open(cls, name_or_path: str | os.PathLike, root: Path | None = None) -> Run:
-        candidate = Path(name_or_path)
-        if not (candidate / MANIFEST).exists():
-            candidate = (Path(root) if root is not None else runs_dir()) / str(name_or_path)
+        """An existing run: a name under the runs root, or the path of a run directory."""
+        candidate = run_location(name_or_path, root)
         if not (candidate / MANIFEST).exists():
             known = ", ".join(r.name for r in list_runs(root)) or "none"
             raise RunNotFoundError(
@@ -293,7 +344,27 @@ class Run:
         return cls(candidate)
 
     def manifest(self) -> dict[str, Any]:
-        return read_json(self.manifest_path)
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"{self.manifest_path} does not exist.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            problem = f"is not valid JSON ({exc})"
+        else:
+            if isinstance(manifest, dict):
+                return manifest
+            kinds = {list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+            kind = kinds.get(type(manifest), "a number")
+            problem = f"holds {kind}, not a run record (a JSON object)"
+        raise ArtifactError(
+            f"{self.manifest_path} {problem}: the run's record is corrupt or truncated. Restore it from a "
+            f"backup, or move {self.path} out of the way and start the run again."
+        )
+
+    def check_writable(self) -> Run:
+        """Refuse a read-only run folder before a stage starts work it could not save."""
+        check_writable(self.path, "run folder")
+        return self
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
         manifest = self.manifest()
@@ -321,7 +392,9 @@ class Run:
 
 
 def list_runs(root: Path | None = None) -> list[Run]:
-    root = Path(root) if root is not None else runs_dir()
+    """Every run directory under the runs root, oldest first (by the time run.json last changed);
+    their manifests are not read here."""
+    root = runs_root(root)
     if not root.exists():
         return []
     runs = [Run(p) for p in root.iterdir() if (p / MANIFEST).exists()]
@@ -329,14 +402,22 @@ def list_runs(root: Path | None = None) -> list[Run]:
 
 
 def latest_run(model_id: str | None = None, root: Path | None = None) -> Run:
-    """The most recently touched run (of ``model_id`` if given)."""
-    runs = list_runs(root)
-    if model_id is not None:
-        runs = [r for r in runs if r.manifest().get("model", {}).get("id") == model_id]
-    if not runs:
-        which = f" for model {model_id!r}" if model_id else ""
-        raise RunNotFoundError(
-            f"No run{which} under {(Path(root) if root else runs_dir()).resolve()}. "
-            "Start one with `dpnle collect-activations --trait openness` (or pass --run)."
-        )
-    return runs[-1]
+    """The most recently touched run (of ``model_id`` if given).
+
+    A run whose run.json cannot be read, met before the run picked, is refused: it may be the
+    most recent run (of that model), and picking an older one instead would be silently wrong.
+    Unreadable runs older than the one picked are not read."""
+    for run in reversed(list_runs(root)):
+        try:
+            recorded = run.manifest().get("model", {}).get("id")
+        except ArtifactError as exc:
+            raise ArtifactError(
+                f"Cannot tell which run is the most recent one: {exc} Meanwhile, pass --run NAME to name the run."
+            ) from None
+        if model_id is None or recorded == model_id:
+            return run
+    which = f" for model {model_id!r}" if model_id else ""
+    raise RunNotFoundError(
+        f"No run{which} under {runs_root(root).resolve()}. "
+        "Start one with `dpnle collect-activations --trait openness` (or pass --run)."
+    )

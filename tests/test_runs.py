@@ -75,3 +75,44 @@ def test_latest_run_and_missing_run(tmp_path):
 def test_default_run_name():
     assert default_run_name("meta-llama/Meta-Llama-3-8B-Instruct") == "Meta-Llama-3-8B-Instruct"
     assert default_run_name("/x/y/model.Q4.gguf") == "model.Q4"
+
+
+def test_run_names_stay_under_the_root(tmp_path):
+    from dpnle.runs import InputError
+
+    root = tmp_path / "runs"
+    for name in ("../x", "a/b", "..", ".", str(tmp_path / "abs")):
+        with pytest.raises(InputError, match="is a path, and no run exists there"):
+            Run.create_or_open(name, "m", root=root)
+        with pytest.raises(InputError, match="is a path, and no run exists there"):
+            Run.open(name, root=root)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "abs").exists()
+    # An existing run directory may be named by its path, anywhere.
+    made = Run.create_or_open("r", "m", root=tmp_path / "other")
+    assert Run.open(made.path, root=root).path == made.path
+    assert Run.create_or_open(str(made.path), "m", root=root).path == made.path
+
+
+def test_latest_run_with_an_unreadable_run_json(tmp_path):
+    a = Run.create_or_open("a", "m1", root=tmp_path)
+    b = Run.create_or_open("b", "m1", root=tmp_path)
+    os.utime(a.manifest_path, (1, 1))
+    a.manifest_path.write_text("{")
+    os.utime(a.manifest_path, (1, 1))
+    # Older than the run picked: never read.
+    assert latest_run(root=tmp_path).name == "b" and latest_run("m1", root=tmp_path).name == "b"
+    b.manifest_path.write_text("null")
+    # Newer than every readable run: it may be the most recent, so nothing is picked.
+    for model in (None, "m1", "m2"):
+        with pytest.raises(ArtifactError, match=r"Cannot tell which run is the most recent.*b/run\.json holds null, "
+                                                r"not a run record.*pass --run NAME"):
+            latest_run(model, root=tmp_path)
+
+
+def test_runs_root_that_is_a_file(tmp_path):
+    from dpnle.runs import InputError, list_runs
+
+    (tmp_path / "runs").write_text("")
+    for call in (lambda: list_runs(tmp_path / "runs"), lambda: Run.create_or_open("r", "m", root=tmp_path / "runs")):
+        with pytest.raises(InputError, match="is a file, not a folder"):
+            call()

@@ -181,10 +181,39 @@ class Edit:
         return dense
 
     def apply(self, model: nn.Module | LoadedModel, prompt_length: int | None = None) -> EditHandle:
-        """Register the edit's hooks on ``model``; use as ``with edit.apply(model): ...``."""
+        """Register the edit's hooks on ``model``; use as ``with edit.apply(model): ...``.
+
+        An edit that records the model it was made for (``meta["model"]``, as :func:`build_edit`
+        writes it) refuses a model of another shape, and, given a :class:`LoadedModel`, one whose
+        fingerprint digest differs: indices that happen to fit another model are not an edit of it.
+        """
+        made_for = self.meta.get("model") or {}
         if isinstance(model, LoadedModel):
+            digest = (model.fingerprint or {}).get("digest")
+            if made_for.get("digest") and digest and digest != made_for["digest"]:
+                raise InputError(
+                    f"This {self.method} edit was made for model {made_for.get('id')!r} (digest {made_for['digest']}), "
+                    f"not {model.model_id!r} (digest {digest}): build it from a run of this model."
+                )
             model = model.model
+        _check_shape(self, model, made_for)
         return _register(self, model, prompt_length)
+
+
+def _check_shape(edit: Edit, model: nn.Module, made_for: Mapping[str, Any]) -> None:
+    """Refuse a model whose layer count or site width differs from the one the edit names."""
+    if not made_for:
+        return
+    arch = architecture(model)
+    width_key = "hidden_size" if edit.site == "resid" else "intermediate_size"
+    theirs = {"num_layers": arch.num_layers, width_key: arch.width(edit.site)}
+    differs = {k: (made_for[k], v) for k, v in theirs.items() if k in made_for and int(made_for[k]) != int(v)}
+    if differs:
+        detail = ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in differs.items())
+        raise InputError(
+            f"This {edit.method} edit was made for model {made_for.get('id')!r}, whose shape differs from "
+            f"{type(model).__name__}'s ({detail}): build it from a run of this model."
+        )
 
 
 def _as_layer_vector(layer: int, idx: Any, delta: Any) -> LayerVector:
@@ -654,6 +683,10 @@ def build_edit(
             "--d-threshold) or pick other layers."
         )
     meta["neurons_per_layer"] = {int(k): int(v[1].size) for k, v in sorted(vectors.items())}
+    # The model the edit was made for: apply() refuses a model of another shape or digest.
+    fingerprint = (run.manifest().get("model") or {}).get("fingerprint") or {}
+    meta["model"] = {k: fingerprint[k] for k in ("id", "digest", "num_layers", "intermediate_size", "hidden_size")
+                     if k in fingerprint}
     return Edit(method=method, site=site, vectors=vectors, gamma=float(gamma), sign=sign,
                 positions=positions, clamp=clamp, meta=meta)  # fmt: skip
 

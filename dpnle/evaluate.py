@@ -140,6 +140,10 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise EvalError(f"{name} must be at least 1 (or unset for all items), not {value}.")
+        if str(self.judge).strip().lower() not in ("", "none"):  # refused before any model loads
+            from dpnle.judges import check_judge_spec
+
+            check_judge_spec(self.judge)
 
     @property
     def questionnaires(self) -> list[str]:
@@ -149,7 +153,10 @@ class EvalConfig:
         """What a stored condition must match to be reused (everything that changes its rows)."""
         keys = ("benchmarks", "scorers", "limit", "capability_limit", "open_ended_limit", "judge",
                 "positions", "mode", "seed", "valid_scorers_only")
-        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(self).items() if k in keys}
+        from dpnle.judges import redact_judge_spec
+
+        settings = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(self).items() if k in keys}
+        return {**settings, "judge": redact_judge_spec(str(self.judge))}  # no secret in artifacts
 
 
 def conditions(config: EvalConfig) -> list[Condition]:
@@ -395,13 +402,13 @@ def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
     scorers = condition_scorers(run, concept, config)
     settings = {**config.condition_settings(), "condition_scorers": scorers}
     localization = localization_digests(run, concept, config.methods)
+    model_digest = loaded.fingerprint.get("digest")
     computed, reused, paths = [], [], []
     for condition in conditions(config):
         # A condition is reused only if nothing that made it changed: settings, model, and the
         # neurons file its method reads.
         source = _NEURON_SOURCES.get(condition.method)
-        digest = _settings_digest({**settings, "model": loaded.fingerprint.get("digest"),
-                                   "localization": localization.get(source) if source else None})
+        digest = condition_digest(settings, model_digest, localization.get(source) if source else None)
         path = condition_path(run, concept, condition)
         if path.exists():
             with contextlib.suppress(ArtifactError):
@@ -413,20 +420,24 @@ def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
         frame = evaluate_condition(run, loaded, concept, condition, config, scorers)
         remove_temp_files(path)  # what a killed run left; never read
         write_parquet(path, frame, metadata={
-            "kind": "eval", "concept": concept, "condition": asdict(condition), "settings": settings,
-            "settings_digest": digest, "model": loaded.fingerprint, "seconds": time.perf_counter() - t0,
+            "kind": "eval", "run": run.name, "concept": concept, "condition": asdict(condition),
+            "settings": settings, "settings_digest": digest, "model": loaded.fingerprint,
+            "localization": localization.get(source) if source else None, "seconds": time.perf_counter() - t0,
         })
         log(f"{concept}: {condition.key} done in {time.perf_counter() - t0:.1f} s")
         computed.append(condition.key)
         paths.append(path)
-    rows = load_eval(run, concept, [c.key for c in conditions(config)])
+    keys = [c.key for c in conditions(config)]
+    # The conditions of this call are the concept's current ones: tables and reports use them
+    # alone, and list every other condition file as stale (see condition_files).
+    run.record_stage("edit-eval", concept, "done", conditions=keys, settings=settings)
+    rows = pd.concat([read_parquet(p) for p in paths], ignore_index=True)
     summary = summarize(rows, load_validity(run))
     remove_temp_files(run.eval_dir / concept / "summary.parquet")
     write_parquet(run.eval_dir / concept / "summary.parquet", summary,
-                  metadata={"kind": "eval-summary", "concept": concept, "settings": settings})
-    run.record_stage("edit-eval", concept, "done", conditions=[c.key for c in conditions(config)], **settings)
-    return EvalResult(concept, [c.key for c in conditions(config)], computed, reused, summary,
-                      time.perf_counter() - start, paths)
+                  metadata={"kind": "eval-summary", "run": run.name, "concept": concept, "settings": settings,
+                            "conditions": keys})
+    return EvalResult(concept, keys, computed, reused, summary, time.perf_counter() - start, paths)
 
 
 def _check_localizations(run: Run, concept: str, config: EvalConfig) -> None:
@@ -448,23 +459,120 @@ def localization_digests(run: Run, concept: str, methods: Sequence[str]) -> dict
     out = {}
     for source in sorted({_NEURON_SOURCES[m] for m in methods if m in _NEURON_SOURCES}):
         path = run.neurons_path(concept, source)
-        out[source] = _settings_digest(parquet_metadata(path)) if path.exists() else "missing"
+        out[source] = _neurons_digest(path) if path.exists() else "missing"
     return out
 
 
-def load_eval(run: Run, concept: str | None = None, keys: Sequence[str] | None = None) -> pd.DataFrame:
-    """The per-item rows of a run's evaluations (of one concept, of some conditions)."""
-    folders = [run.eval_dir / concept] if concept else sorted(
-        p for p in run.eval_dir.iterdir() if p.is_dir() and p.name != "validity"
-    ) if run.eval_dir.exists() else []
-    frames = []
-    for folder in folders:
+def _neurons_digest(path: Path) -> str:
+    """What a neurons file says (its metadata) and holds (every row), so a new selection changes
+    it even when the localization options did not."""
+    frame = read_parquet(path)
+    rows = pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
+    return _settings_digest({"metadata": parquet_metadata(path), "rows": hashlib.sha256(rows).hexdigest()})
+
+
+def condition_digest(settings: dict[str, Any], model_digest: str | None, localization: str | None) -> str:
+    """What a condition file must carry to count as made by ``settings`` on this model and
+    localization (None for methods that read no neurons file)."""
+    return _settings_digest({**settings, "model": model_digest, "localization": localization})
+
+
+@dataclass(frozen=True)
+class ConditionFile:
+    """One condition file of a run and whether tables may use it: ``current`` (made by the
+    concept's latest edit-eval, on the run's model, from its current localization), ``stale``
+    (anything else; ``reason`` says what differs) or ``unreadable``."""
+
+    concept: str
+    key: str
+    path: Path
+    status: str
+    reason: str = ""
+
+
+def _concept_folders(run: Run, concept: str | None) -> list[Path]:
+    if concept:
+        return [run.eval_dir / concept]
+    if not run.eval_dir.exists():
+        return []
+    return sorted(p for p in run.eval_dir.iterdir() if p.is_dir() and p.name != "validity")
+
+
+def condition_files(run: Run, concept: str | None = None) -> list[ConditionFile]:
+    """Every condition file of the run (of one concept) with its status (:class:`ConditionFile`).
+
+    A file is current when its condition is among those of the concept's latest recorded
+    edit-eval and its settings digest equals the one those settings give today, with the run's
+    model and the concept's current neurons files: re-localizing, another model or other
+    options make it stale. A missing provenance field never counts as a match.
+    """
+    model_digest = ((run.manifest().get("model") or {}).get("fingerprint") or {}).get("digest")
+    out: list[ConditionFile] = []
+    for folder in _concept_folders(run, concept):
+        name = folder.name
+        entry = run.stage_status("edit-eval", name) or {}
+        keys, settings = entry.get("conditions") or [], entry.get("settings")
+        localization = localization_digests(run, name, list(_NEURON_SOURCES))
         for path in sorted(folder.glob("*.parquet")):
-            if path.name == "summary.parquet" or (keys is not None and path.stem not in keys):
+            if path.name == "summary.parquet":
                 continue
-            frames.append(read_parquet(path))
+            key = path.stem
+            try:
+                meta = parquet_metadata(path)
+            except ArtifactError as exc:
+                out.append(ConditionFile(name, key, path, "unreadable", str(exc)))
+                continue
+            method = (meta.get("condition") or {}).get("method") or key.split("-", 1)[0]
+            source = _NEURON_SOURCES.get(method)
+            current = localization.get(source) if source else None
+            if settings is None or key not in keys:
+                reason = f"not among the conditions of the latest edit-eval of {name}"
+            elif not model_digest or (meta.get("model") or {}).get("digest") != model_digest:
+                reason = "made with another model than the run's (or the file or run.json names none)"
+            elif source and meta.get("localization") != current:
+                reason = f"made from an earlier {source} localization of {name}"
+            elif meta.get("settings_digest") != condition_digest(settings, model_digest, current):
+                reason = "made with other edit-eval settings than the latest"
+            else:
+                out.append(ConditionFile(name, key, path, "current"))
+                continue
+            out.append(ConditionFile(name, key, path, "stale", reason))
+    return out
+
+
+def stale_note(files: Sequence[ConditionFile]) -> str | None:
+    """One paragraph listing the condition files that tables leave out, and why (None: none)."""
+    left = [f for f in files if f.status != "current"]
+    if not left:
+        return None
+    listed = "; ".join(f"{f.concept}/{f.key} ({f.reason if f.status == 'stale' else 'unreadable'})" for f in left)
+    return (f"{len(left)} condition file(s) left out of these tables, as stale or unreadable: {listed}. "
+            "Re-run edit-eval with the options you want in one call (finished conditions are reused), or delete them.")
+
+
+def load_eval(run: Run, concept: str | None = None, keys: Sequence[str] | None = None,
+              allow_empty: bool = False) -> pd.DataFrame:
+    """The per-item rows of a run's current evaluations (of one concept, of some conditions).
+
+    Only current condition files (:func:`condition_files`) are read; a current one that cannot
+    be read is an error, never a silent gap in a table. No current file: an error, or an empty
+    frame with ``allow_empty``."""
+    files = [f for f in condition_files(run, concept) if keys is None or f.key in keys]
+    frames = []
+    for f in files:
+        if f.status == "unreadable" and f.key in ((run.stage_status("edit-eval", f.concept) or {}).get("conditions") or []):
+            raise ArtifactError(f"{f.reason} It holds condition {f.key} of {f.concept}'s latest edit-eval: delete it and "
+                                f"run that edit-eval again (only this condition is recomputed).")
+        if f.status == "current":
+            try:
+                frames.append(read_parquet(f.path))
+            except ArtifactError as exc:
+                raise ArtifactError(f"{exc} Delete it and run edit-eval again for {f.concept} "
+                                    "(only this condition is recomputed).") from None
     if not frames:
-        raise ArtifactError(f"No evaluations in {run.eval_dir}; run `dpnle edit-eval --run {run.name} ...` first.")
+        if allow_empty:
+            return pd.DataFrame()
+        raise ArtifactError(f"No current evaluations in {run.eval_dir}; run `dpnle edit-eval --run {run.name} ...` first.")
     return pd.concat(frames, ignore_index=True)
 
 
@@ -548,24 +656,23 @@ def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
     personality = QUESTIONNAIRES + (OPEN_ENDED,) if kind != "capability" else ()
     target = summary[summary["target"] & summary["benchmark"].isin(personality)]
     capability = summary[summary["benchmark"].isin(CAPABILITY + (NEUTRAL,) if kind != "personality" else ())]
-    for (concept, method), part in summary.groupby(["concept", "method"], sort=False):
-        row: dict[str, Any] = {"concept": concept, "method": method,
-                               "neurons": int(part["num_neurons"].max())}
-        for (bench, scorer), sub in target[(target["concept"] == concept) & (target["method"] == method)].groupby(
-            ["benchmark", "scorer"], sort=False
-        ):
+    # One row per gamma: a cell never averages conditions of different strength.
+    for (concept, method, gamma), part in summary.groupby(["concept", "method", "gamma"], sort=False):
+        row: dict[str, Any] = {"concept": concept, "method": method, "neurons": int(part["num_neurons"].max()),
+                               "gamma": f"{gamma:g}" if method not in ("none", "prompt") else ""}
+        same = (target["concept"] == concept) & (target["method"] == method) & (target["gamma"] == gamma)
+        for (bench, scorer), sub in target[same].groupby(["benchmark", "scorer"], sort=False):
             valid = sub["valid"].iloc[0]
             checked = "" if valid == 1.0 else " (invalid)" if valid == 0.0 else " (unchecked)"
             tag = f"{bench}/{scorer}" + (checked if bench in QUESTIONNAIRES else "")
             for direction in ("up", "down"):
                 d = sub[sub["direction"] == direction]
                 if len(d):
-                    # Several gammas or random draws: report the first gamma's mean over draws.
-                    d = d[d["gamma"] == d["gamma"].iloc[0]]
                     row[f"{tag} {direction}"] = _fmt_effect(d)
             if method == "none":
                 row[f"{tag} score"] = f"{sub['mean'].iloc[0]:.3f}"
-        cap = capability[(capability["concept"] == concept) & (capability["method"] == method)]
+        cap = capability[(capability["concept"] == concept) & (capability["method"] == method)
+                         & (capability["gamma"] == gamma)]
         for (bench, scorer), sub in cap.groupby(["benchmark", "scorer"], sort=False):
             if bench == NEUTRAL and scorer == "perplexity_unedited":
                 continue
@@ -579,12 +686,13 @@ def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
     order = {m: i for i, m in enumerate(METHODS)}
     concepts = {c: i for i, c in enumerate(dict.fromkeys(table["concept"]))}
     table = table.iloc[sorted(range(len(table)), key=lambda i: (concepts[table["concept"].iloc[i]],
-                                                               order.get(table["method"].iloc[i], 99)))]
+                                                               order.get(table["method"].iloc[i], 99),
+                                                               float(table["gamma"].iloc[i] or 0)))]
     return table.reset_index(drop=True)
 
 
 def _by_direction(part: pd.DataFrame, column: str, fmt: str) -> str:
-    """``up x / down y`` (means over gammas and draws), or the bare value without a direction."""
+    """``up x / down y`` (means over random draws, one gamma), or the bare value without a direction."""
     values = part.groupby("direction")[column].mean()
     if list(values.index) == ["-"]:
         return fmt.format(values.iloc[0])
@@ -593,7 +701,8 @@ def _by_direction(part: pd.DataFrame, column: str, fmt: str) -> str:
 
 def _fmt_effect(part: pd.DataFrame) -> str:
     if "delta" not in part or part["delta"].isna().all():
-        return f"{part['mean'].mean():.3f}"
+        # A change needs the unedited scores of the same items: without them, no number.
+        return "no baseline"
     if len(part) > 1:  # random draws: mean and range of the draws' changes
         return f"{part['delta'].mean():+.3f} [{part['delta'].min():+.3f}..{part['delta'].max():+.3f}]"
     r = part.iloc[0]

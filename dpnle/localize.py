@@ -555,12 +555,28 @@ def _digest(model: Mapping[str, Any]) -> str | None:
     return model.get("digest") or (model.get("fingerprint") or {}).get("digest")
 
 
+def _require_run_fingerprint(run: Run, digest: str | None, path: Path) -> None:
+    if not digest:
+        raise ArtifactError(
+            f"Run {run.name} records no model fingerprint in {run.manifest_path}, so {path} cannot be checked "
+            f"against the run's model. Run `dpnle collect-activations --run {run.name} ...` with the run's model "
+            "(it records the fingerprint), or start a new run."
+        )
+
+
 def check_capture_model(run: Run, stats: LayerStats) -> None:
-    """Refuse statistics captured from another model than the run's."""
+    """Refuse statistics captured from another model than the run's, or that name none."""
     run_model = _run_model(run)
     capture_model = (stats.meta or {}).get("model") or {}
     ours, theirs = _digest(run_model), _digest(capture_model)
-    if ours and theirs and ours != theirs:
+    manifest = _stats_file(run, stats.concept, stats.site, stats.policy).parent / "manifest.json"
+    _require_run_fingerprint(run, ours, manifest)
+    if not theirs:
+        raise ArtifactError(
+            f"The {stats.site}-{stats.policy} capture of {stats.concept!r} ({manifest}) does not say which model "
+            f"made it. Re-run dpnle collect-activations --run {run.name} {cli_flag(stats.concept)} --overwrite."
+        )
+    if ours != theirs:
         manifest = _stats_file(run, stats.concept, stats.site, stats.policy).parent / "manifest.json"
         raise ArtifactError(
             f"The {stats.site}-{stats.policy} capture of {stats.concept!r} ({manifest}) was made with model "
@@ -818,15 +834,27 @@ def _check_selection_provenance(
     run_model = _run_model(run)
     file_model = meta.get("model") or {}
     ours, theirs = _digest(run_model), _digest(file_model)
-    if ours and theirs and ours != theirs:
+    # A missing provenance field is a refusal, never a skipped check.
+    _require_run_fingerprint(run, ours, path)
+    if not theirs:
+        raise ArtifactError(
+            f"{path} does not say which model it was localized on (its provenance metadata is missing), so it "
+            f"cannot be checked against run {run.name}'s model. Delete it and run `{command}`."
+        )
+    if ours != theirs:
         raise ArtifactError(
             f"{path} was localized on model {file_model.get('id')!r} (digest {theirs}), but run {run.name} "
             f"records model {run_model.get('id')!r} (digest {ours}): it was copied from another run. Delete it "
             f"and run `{command}`, or edit in the run that made it."
         )
     site, policy = METHOD_CAPTURE.get(method, (None, None))
-    if site is None or not meta.get("pairs_digest"):
+    if site is None:
         return
+    if not meta.get("pairs_digest"):
+        raise ArtifactError(
+            f"{path} does not say which contrastive pairs it was localized from (no pairs digest in its "
+            f"metadata). Delete it and run `{command}`."
+        )
     manifest_path = _stats_file(run, concept, site, policy).parent / "manifest.json"
     if not manifest_path.exists():
         return

@@ -609,6 +609,12 @@ def _run_section(run: Run, manifest: dict[str, Any]) -> list[Block]:
     for stage, entries in (manifest.get("stages") or {}).items():
         for concept, entry in (entries or {}).items():
             params = {k: v for k, v in entry.items() if k not in ("status", "updated")}
+            if str(params.get("judge", "none")).strip().lower() not in ("", "none"):
+                from dpnle.judges import (
+                    redact_judge_spec,  # a run.json from before redaction may hold secrets
+                )
+
+                params["judge"] = redact_judge_spec(str(params["judge"]))
             records.append({
                 "stage": stage, "concept": concept, "status": entry.get("status", ""),
                 "updated": entry.get("updated", ""),
@@ -918,7 +924,7 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None = None) -> ReportResult:
     """Write ``runs/<run>/report/``: Parquet tables, PNG figures, ``report.md`` and ``index.html``."""
-    from dpnle.evaluate import load_eval, load_validity
+    from dpnle.evaluate import condition_files, load_eval, load_validity, stale_note
 
     if not isinstance(run, Run):
         run = Run.open(run)
@@ -948,11 +954,13 @@ def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None
         say("neurons and overlap")
         blocks += _neurons_section(run, tmp, figures, tables, notes)
 
-        try:
-            rows = load_eval(run)
-        except ArtifactError:
-            rows = None
-        if rows is None or rows.empty:
+        # Only current condition files; a current one that cannot be read stops the build (the
+        # previous report stays in place), never a report that silently lacks it.
+        rows = load_eval(run, allow_empty=True)
+        stale = stale_note(condition_files(run))
+        if stale:
+            notes.append(stale)
+        if rows.empty:
             text = (f"This run has no edit-eval results yet, so there is no leakage to report. Run "
                     f"`dpnle edit-eval --run {run.name} --all-traits` (values: `--all-values --benchmarks "
                     f"pvq40,neutral`), then `dpnle leakage-report --run {run.name}` again.")
@@ -961,6 +969,8 @@ def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None
         else:
             say("leakage tables and figures")
             blocks += _eval_sections(run, rows, validity, tmp, figures, tables, notes)
+        if stale:
+            blocks += [Heading("Stale results (left out)"), Text(stale)]
 
         blocks.append(Heading("Files"))
         blocks.append(Bullets([f"`{p.relative_to(tmp).as_posix()}`" for p in [*tables.values(), *figures]]))

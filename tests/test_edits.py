@@ -463,13 +463,22 @@ def write_dpnle_selection(run: Run, concept="openness", seed=0, layers=(1, 2), w
     sel = frame["selected"].to_numpy()
     weight[sel] = rank_weights(np.abs(frame["cohens_d"][sel]), frame["layer"][sel], frame["neuron"][sel])
     frame["weight"] = weight
-    write_parquet(run.neurons_path(concept), frame, {"method": "dpnle"})
+    write_parquet(run.neurons_path(concept), frame, {"method": "dpnle", **PROVENANCE})
     return frame
 
 
 @pytest.fixture
 def run(tmp_path):
-    return Run.create_or_open("r", "tiny-llama", root=tmp_path)
+    run = Run.create_or_open("r", "tiny-llama", root=tmp_path)
+    run.update_manifest(model={"id": "tiny-llama", "fingerprint": TINY_FINGERPRINT})
+    return run
+
+
+# What a real run records (dpnle.models.model_fingerprint), for the tiny Llama's shape; every
+# neurons file names the model and the pairs it was localized from.
+TINY_FINGERPRINT = {"id": "tiny-llama", "digest": "feed0123", "num_layers": LAYERS,
+                    "intermediate_size": INTERMEDIATE, "hidden_size": 32}
+PROVENANCE = {"model": TINY_FINGERPRINT, "pairs_digest": "0123abcd"}
 
 
 def per_layer(edit: Edit) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -549,7 +558,7 @@ def write_npti_selection(run: Run, concept="openness", seed=0, layers=(1, 2), wi
             "pole": pd.array(pole, dtype="string"), "v95": rng.uniform(0.5, 2.0, width), "selected": pole != None,  # noqa: E711
         }))  # fmt: skip
     frame = pd.concat(parts, ignore_index=True)
-    write_parquet(run.neurons_path(concept, "npti"), frame, {"method": "npti"})
+    write_parquet(run.neurons_path(concept, "npti"), frame, {"method": "npti", **PROVENANCE})
     return frame
 
 
@@ -595,7 +604,7 @@ def test_caa_edit(run):
         "layer": np.repeat(np.array([1, 2], np.int16), hidden), "unit": np.tile(np.arange(hidden, dtype=np.int32), 2),
         "delta": np.arange(2 * hidden, dtype=np.float64), "score": 1.0, "chosen": np.repeat([False, True], hidden),
     })  # fmt: skip
-    write_parquet(run.neurons_path("openness", "caa"), frame, {"method": "caa"})
+    write_parquet(run.neurons_path("openness", "caa"), frame, {"method": "caa", **PROVENANCE})
     edit = build_edit(run, "openness", "caa", "down", gamma=0.5, positions="prompt")
     assert edit.site == "resid" and edit.layers == [2] and edit.sign == -1
     idx, delta = edit.vectors[2]

@@ -411,7 +411,12 @@ def test_probe_accuracy_and_pair_split():
 def run(tmp_path):
     from dpnle.runs import Run
 
-    return Run.create_or_open("r", "meta-llama/Meta-Llama-3-8B-Instruct", root=tmp_path)
+    run = Run.create_or_open("r", FINGERPRINT["id"], root=tmp_path)
+    run.update_manifest(model={"id": FINGERPRINT["id"], "fingerprint": FINGERPRINT})
+    return run
+
+
+PROVENANCE = {"method": "dpnle", "model": None, "pairs_digest": "0123abcd"}  # model: FINGERPRINT, set below
 
 
 def test_written_selection_reproduces_edit_vectors(run):
@@ -420,7 +425,7 @@ def test_written_selection_reproduces_edit_vectors(run):
     high, low = raw_samples(seed=6, width=500)
     stats = stats_from_samples(high, low)
     frame = loc.select_dpnle(stats, [0, 1, 2], quantile=0.9, d_threshold=0.2)
-    write_parquet(run.neurons_path("openness"), frame, {"method": "dpnle"})
+    write_parquet(run.neurons_path("openness"), frame, {**PROVENANCE, "model": FINGERPRINT})
     back = loc.load_selection(run, "openness")
     assert back["selected"].all() and len(back) == int(frame["selected"].sum())
     for weighted in (False, True):
@@ -663,3 +668,50 @@ def test_localize_npti_and_caa_end_to_end(tiny_run):
     chosen = loc.load_selection(tiny_run, "openness", "caa")
     assert chosen["layer"].unique().tolist() == [3] and len(chosen) == 80
     assert loc.localize_concept(tiny_run, "openness", method="caa", layer=1).params["layer"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance: a missing field is a refusal, never a skipped check
+
+
+def test_missing_provenance_is_refused(run):
+    from dpnle.runs import write_parquet
+
+    high, low = raw_samples(seed=6, width=80)
+    frame = loc.select_dpnle(stats_from_samples(high, low), [0, 1, 2], quantile=0.9, d_threshold=0.2)
+    path = run.neurons_path("openness")
+    write_parquet(path, frame, {"method": "dpnle"})  # metadata stripped of model and pairs
+    with pytest.raises(loc.ArtifactError, match="does not say which model"):
+        loc.load_selection(run, "openness")
+    write_parquet(path, frame, {"method": "dpnle", "model": FINGERPRINT})
+    with pytest.raises(loc.ArtifactError, match="does not say which contrastive pairs"):
+        loc.load_selection(run, "openness")
+    write_parquet(path, frame, {**PROVENANCE, "model": FINGERPRINT})
+    assert len(loc.load_selection(run, "openness")) == int(frame["selected"].sum())
+    run.update_manifest(model={"id": FINGERPRINT["id"], "fingerprint": {}})  # a run.json without a fingerprint
+    with pytest.raises(loc.ArtifactError, match="records no model fingerprint"):
+        loc.load_selection(run, "openness")
+
+
+def test_edit_refuses_a_model_of_another_shape(run):
+    """An edit built from a run names the model it was made for; indices that happen to fit a
+    model with another layer count or width do not make it an edit of that model."""
+    from helpers import INTERMEDIATE, LAYERS, tiny_llama
+
+    from dpnle.edits import build_edit
+    from dpnle.runs import write_parquet
+
+    run.update_manifest(model={"id": FINGERPRINT["id"], "fingerprint": {**FINGERPRINT, "intermediate_size": 80,
+                                                                        "num_layers": LAYERS}})
+    high, low = raw_samples(seed=6, width=INTERMEDIATE)  # indices all fit the tiny model's width
+    frame = loc.select_dpnle(stats_from_samples(high, low), [0, 1, 2], quantile=0.9, d_threshold=0.2)
+    write_parquet(run.neurons_path("openness"), frame,
+                  {**PROVENANCE, "model": run.manifest()["model"]["fingerprint"]})
+    edit = build_edit(run, "openness", "dpnle", "up")
+    model, _ = tiny_llama()
+    with pytest.raises(loc.InputError, match="intermediate_size 80 there, 64 here"):
+        edit.apply(model)
+    # The same edit, made for this shape, applies.
+    edit.meta["model"]["intermediate_size"] = INTERMEDIATE
+    with edit.apply(model):
+        pass

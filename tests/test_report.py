@@ -56,16 +56,32 @@ def write_neurons(run: Run, concept: str, seed: int, layers=range(2, 6), width: 
             "pole": np.where(d > 0, "high", "low"), "weight": np.where(selected, 0.875, np.nan),
         }))
     frame = pd.concat(frames, ignore_index=True)[list(DPNLE_COLUMNS)]
-    write_parquet(run.neurons_path(concept), frame, metadata={"stage": "localize", "concept": concept,
-                                                                "method": "dpnle"})
+    write_parquet(run.neurons_path(concept), frame, metadata={
+        "stage": "localize", "concept": concept, "method": "dpnle", "pairs_digest": "0123abcd",
+        "model": (run.manifest().get("model") or {}).get("fingerprint")})
     run.record_stage("localize", concept, "done", method="dpnle", total_selected=int(frame["selected"].sum()),
                      layers="2-5", quantile=0.5, tau=1.0)
 
 
-def write_eval(run: Run, rows: pd.DataFrame) -> None:
+SETTINGS = {"limit": 4}
+
+
+def write_eval(run: Run, rows: pd.DataFrame, settings: dict = SETTINGS) -> None:
+    """Condition files with the provenance edit-eval writes (model, localization, settings
+    digest), and the stage record that makes them the concepts' current conditions."""
+    from dpnle.evaluate import _NEURON_SOURCES, condition_digest, localization_digests
+
+    model = run.manifest()["model"]["fingerprint"]
     for (concept, key), part in rows.groupby(["concept", "condition"]):
-        write_parquet(run.eval_dir / concept / f"{key}.parquet", part.reset_index(drop=True),
-                      metadata={"kind": "eval", "concept": concept})
+        method = part["method"].iloc[0]
+        source = _NEURON_SOURCES.get(method)
+        localization = localization_digests(run, concept, [method])[source] if source else None
+        write_parquet(run.eval_dir / concept / f"{key}.parquet", part.reset_index(drop=True), metadata={
+            "kind": "eval", "concept": concept, "condition": {"method": method}, "model": model,
+            "localization": localization, "settings_digest": condition_digest(settings, model["digest"], localization),
+        })
+    for concept, part in rows.groupby("concept"):
+        run.record_stage("edit-eval", concept, "done", conditions=sorted(set(part["condition"])), settings=settings)
 
 
 def neutral_rows(concepts, conditions) -> pd.DataFrame:
@@ -96,10 +112,16 @@ def write_validity(run: Run, instrument: str, scorer: str, concepts, passed, wit
                   metadata={"kind": "validity", "instrument": instrument, "scorer": scorer})
 
 
-def make_full_run(root: Path) -> Run:
-    run = Run.create_or_open("synthetic", "tiny/model", root=root)
+def new_run(name: str, root: Path) -> Run:
+    """A run whose run.json records its model's fingerprint, as collect-activations leaves it."""
+    run = Run.create_or_open(name, "tiny/model", root=root)
     run.update_manifest(model={"id": "tiny/model", "fingerprint": {
         "digest": "abc123def4567890", "class": "LlamaForCausalLM", "num_layers": 6, "intermediate_size": 64}})
+    return run
+
+
+def make_full_run(root: Path) -> Run:
+    run = new_run("synthetic", root)
     for i, concept in enumerate([*STEERED_TRAITS, *STEERED_VALUES]):
         write_neurons(run, concept, seed=i)
     rows = pd.concat([
@@ -110,8 +132,6 @@ def make_full_run(root: Path) -> Run:
     write_eval(run, rows)
     write_validity(run, "ipip120", "likert", TRAITS5, [False] * 5, with_columns=True)
     write_validity(run, "pvq40", "likert", CIRCLE, [c != "power" for c in CIRCLE], with_columns=False)
-    for concept in [*STEERED_TRAITS, *STEERED_VALUES]:
-        run.record_stage("edit-eval", concept, "done", conditions=[c.key for c in CONDITIONS], limit=4)
     return run
 
 
@@ -172,7 +192,9 @@ def test_tables_hold_the_numbers(full_report):
     overlap = pd.read_parquet(root / "overlap.parquet")
     assert len(overlap) == 15 and overlap["jaccard"].between(0, 1).all()
     paper = pd.read_parquet(root / "paper_table.parquet")
-    assert {"concept", "method", "neurons"} <= set(paper.columns) and len(paper) == 6 * 4
+    # One row per gamma (dpnle at 0.5 and 1; random at 1; prompt; none): no cell mixes strengths.
+    assert {"concept", "method", "neurons", "gamma"} <= set(paper.columns) and len(paper) == 6 * 5
+    assert set(paper.loc[paper["method"] == "dpnle", "gamma"]) == {"0.5", "1"}
 
 
 def test_html_is_self_contained(full_report):
@@ -203,7 +225,7 @@ def test_markdown_content(full_report):
 
 
 def test_rebuild_replaces_the_report(tmp_path):
-    run = Run.create_or_open("rebuild", "tiny/model", root=tmp_path)
+    run = new_run("rebuild", tmp_path)
     for i, concept in enumerate(STEERED_TRAITS):
         write_neurons(run, concept, seed=20 + i)
     first = report.build_report(run)
@@ -259,7 +281,7 @@ def test_killed_report_leaves_the_old_one_whole_and_rebuilds_the_same(tmp_path):
 
 
 def test_localize_only_run(tmp_path):
-    run = Run.create_or_open("loc-only", "tiny/model", root=tmp_path)
+    run = new_run("loc-only", tmp_path)
     for i, concept in enumerate(TRAITS5):
         write_neurons(run, concept, seed=10 + i)
     result = report.build_report(run)

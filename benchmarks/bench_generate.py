@@ -20,6 +20,9 @@ ratio of each condition's throughput to ``none`` (targets, issue 7: hooked >= 0.
 Run:
     python benchmarks/bench_generate.py                                   # embedded model, CPU
     python benchmarks/bench_generate.py --device cuda --config llama3-8b  # random-init 8B, bf16
+    python benchmarks/bench_generate.py --config tiny --new-tokens 8      # random-init tiny Llama, smoke test
+``--tokenizer DIR`` and ``--json-out FILE`` as in bench_capture.py; benchmarks/gpu_check.sh
+drives this script on a GPU.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from bench_capture import build, peak_memory_gib, synchronize
+from bench_capture import build, capture_layers, peak_memory_gib, synchronize, write_json
 
 from dpnle.arch import architecture, parse_layers
 from dpnle.edits import Edit, bake_edit, generate_with_edit
@@ -64,15 +67,17 @@ def dpnle_sized_edit(model: torch.nn.Module, layers: list[int], fraction: float,
     return Edit(method="dpnle", site="mlp", vectors=vectors, positions=positions)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=("smollm2", "llama3-8b"), default="smollm2")
+    parser.add_argument("--config", choices=("smollm2", "llama3-8b", "tiny"), default="smollm2")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default 8 CPU, 64 CUDA)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 32 CPU, 128 CUDA)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=0.005, help="share of neurons edited per layer")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tokenizer", default=None, help="a saved tokenizer folder (default: the embedded model's)")
+    parser.add_argument("--json-out", default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,12 +86,15 @@ def main(argv: list[str] | None = None) -> None:
     batch_size = args.batch_size or (64 if cuda else 8)
     new_tokens = args.new_tokens or (128 if cuda else 32)
 
-    model, tokenizer, description = build(args.config, args.device)
+    build_start = time.perf_counter()
+    model, tokenizer, description = build(args.config, args.device, args.tokenizer)
+    synchronize(device)
+    build_seconds = time.perf_counter() - build_start
     arch = architecture(model)
-    if args.config == "llama3-8b":
-        layers = list(range(12, 32))
-    else:
+    if args.config == "smollm2":
         layers = parse_layers(model_defaults("smollm2-135m-instruct")["layers"], arch.num_layers)
+    else:
+        layers = capture_layers(args.config, arch.num_layers)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                              add_generation_prompt=True)
                for p in (PROMPTS * (batch_size // len(PROMPTS) + 1))[:batch_size]]
@@ -117,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
             if round_:
                 times[name].append(time.perf_counter() - start)
             assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens
+        if round_:  # what a run cut short (a time limit) still leaves behind
+            write_json(args.json_out, {"config": args.config, "device": str(device), "batch_size": batch_size,
+                                       "new_tokens": new_tokens, "all_seconds": times, "baked_equals_hooked": same,
+                                       "rounds_done": round_, "complete": False})
 
     produced = batch_size * new_tokens
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -131,8 +143,20 @@ def main(argv: list[str] | None = None) -> None:
     for name in conditions:
         print(f"{name:20} {median[name]:>9.3f} {produced / median[name]:>10,.1f} {median['none'] / median[name]:>8.3f}x")
     print(f"\npeak memory GiB: {peak_memory_gib(device):.2f} ({'CUDA allocated' if cuda else 'process RSS'})")
-    print(json.dumps({"config": args.config, "device": str(device), "batch_size": batch_size, "new_tokens": new_tokens,
-                      "median_seconds": median, "all_seconds": times, "baked_equals_hooked": same}))
+    summary = {"config": args.config, "device": str(device), "batch_size": batch_size, "new_tokens": new_tokens,
+               "median_seconds": median, "all_seconds": times, "baked_equals_hooked": same}
+    print(json.dumps(summary))
+    payload = {
+        **summary, "model": description,
+        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "num_layers": arch.num_layers, "edited_layers": layers, "edit_neurons": edit_all.num_neurons,
+        "fraction": args.fraction, "prompt_length": int(inputs["input_ids"].shape[1]), "repeats": args.repeats,
+        "new_tokens_per_call": produced, "build_seconds": build_seconds,
+        "peak_memory_gib": peak_memory_gib(device), "complete": True,
+    }
+    write_json(args.json_out, payload)
+    return payload
 
 
 if __name__ == "__main__":

@@ -577,7 +577,6 @@ def check_capture_model(run: Run, stats: LayerStats) -> None:
             f"made it. Re-run dpnle collect-activations --run {run.name} {cli_flag(stats.concept)} --overwrite."
         )
     if ours != theirs:
-        manifest = _stats_file(run, stats.concept, stats.site, stats.policy).parent / "manifest.json"
         raise ArtifactError(
             f"The {stats.site}-{stats.policy} capture of {stats.concept!r} ({manifest}) was made with model "
             f"{capture_model.get('id')!r} (digest {theirs}), but run {run.name} records model "

@@ -635,7 +635,66 @@ def summarize(rows: pd.DataFrame, validity: pd.DataFrame | None = None) -> pd.Da
             verdict.get((b, s, c), np.nan)
             for b, s, c in summary.loc[mask, ["benchmark", "scorer", "concept"]].itertuples(index=False)
         ]
-    return summary
+    return _null_test(summary)
+
+
+# Methods whose changes are tested against the random-edit null, and the draws that null needs:
+# with N draws the smallest attainable null_p is 1/(N+1) (0.5 with one draw, 0.048 with 20).
+NULL_TESTED = ("dpnle", "dpnle-w")
+MIN_NULL_DRAWS = 20
+_NULL_KEY = ["concept", "benchmark", "scorer", "dimension", "direction", "gamma"]
+_NULL_FAMILY = ["benchmark", "scorer", "method", "direction", "gamma"]
+
+
+def _null_test(summary: pd.DataFrame) -> pd.DataFrame:
+    """Add ``null_n``, ``null_p``, ``null_z``, ``null_q``: is a DPN-LE change larger in magnitude
+    than the changes of size-matched random edits?
+
+    For each DPN-LE-family row (method ``dpnle`` or ``dpnle-w``) with change ``d`` (its
+    ``delta``), the null is the ``delta`` of every random-control draw (method ``random``, one
+    row per seed) of the same (concept, benchmark, scorer, dimension, direction, gamma) with a
+    finite change, ``r_1..r_N``:
+
+    - ``null_n`` = N;
+    - ``null_p`` = (1 + #{i : |r_i| >= |d|}) / (N + 1), the empirical two-sided p with the +1
+      correction (ties count against the edit; at least 1/(N+1), so N >= ``MIN_NULL_DRAWS``
+      draws are needed for p <= 0.05);
+    - ``null_z`` = (d - mean(r)) / std(r, ddof=1), NaN when N < 2 or the std is 0;
+    - ``null_q`` = Benjamini-Hochberg adjusted ``null_p`` across the target rows (dimension ==
+      concept) of this summary, per (benchmark, scorer, method, direction, gamma) family; NaN
+      for non-target rows.
+
+    Rows of other methods, and rows whose own change is NaN, get NaN (``null_n`` still counts
+    the draws for a DPN-LE row without a change).
+    """
+    out = summary.copy()
+    for column in ("null_n", "null_p", "null_z", "null_q"):
+        out[column] = np.nan
+    if "delta" not in out:
+        return out
+    draws: dict[tuple, list[float]] = {}
+    random_rows = out[out["method"] == "random"]
+    for key, delta in zip(random_rows[_NULL_KEY].itertuples(index=False, name=None), random_rows["delta"],
+                          strict=True):
+        if np.isfinite(delta):
+            draws.setdefault(key, []).append(float(delta))
+    tested = out.index[out["method"].isin(NULL_TESTED)]
+    for index, key in zip(tested, out.loc[tested, _NULL_KEY].itertuples(index=False, name=None), strict=True):
+        r = np.asarray(draws.get(key, []), dtype=float)
+        n = len(r)
+        out.at[index, "null_n"] = n
+        d = out.at[index, "delta"]
+        if n == 0 or not np.isfinite(d):
+            continue
+        out.at[index, "null_p"] = (1 + int(np.sum(np.abs(r) >= abs(d)))) / (n + 1)
+        if n >= 2:
+            sd = float(r.std(ddof=1))
+            if sd > 0:
+                out.at[index, "null_z"] = (d - float(r.mean())) / sd
+    family = out[out["target"] & out["null_p"].notna()]
+    for _, part in family.groupby(_NULL_FAMILY, sort=False, dropna=False):
+        out.loc[part.index, "null_q"] = sps.false_discovery_control(part["null_p"].to_numpy(float), method="bh")
+    return out
 
 
 TABLE_KINDS = ("all", "personality", "capability")
@@ -706,7 +765,21 @@ def _fmt_effect(part: pd.DataFrame) -> str:
     if len(part) > 1:  # random draws: mean and range of the draws' changes
         return f"{part['delta'].mean():+.3f} [{part['delta'].min():+.3f}..{part['delta'].max():+.3f}]"
     r = part.iloc[0]
-    return f"{r['delta']:+.3f} ({r['ci_low']:+.3f},{r['ci_high']:+.3f})"
+    cell = f"{r['delta']:+.3f} ({r['ci_low']:+.3f},{r['ci_high']:+.3f})"
+    return cell + _fmt_null(r)
+
+
+def _fmt_null(r: pd.Series) -> str:
+    """`` p_null 0.05 q 0.10 (N=19)`` for a DPN-LE row tested against random draws, else ``""``."""
+    n, p, q = r.get("null_n", np.nan), r.get("null_p", np.nan), r.get("null_q", np.nan)
+    if r.get("method") not in NULL_TESTED or not (n >= 1) or not np.isfinite(p):
+        return ""
+    q_text = f" q {_fmt_p(q)}" if np.isfinite(q) else ""
+    return f" p_null {_fmt_p(p)}{q_text} (N={int(n)})"
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.2f}" if p >= 0.01 else f"{p:.1e}"
 
 
 def to_markdown(frame: pd.DataFrame) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -40,6 +41,9 @@ from dpnle.runs import Run, read_parquet
 # than a thousandth of the range has not moved in any sense a ratio could build on.
 TARGET_EPS = 1e-3
 CI_LEVEL = 0.95
+# Bootstrap intervals of the leakage ratios: resamples of the items, seeded (see bootstrap_ratios).
+BOOTSTRAP_DRAWS = 2000
+BOOTSTRAP_SEED = 0
 # The per-(instrument, scorer, method, direction, gamma) average row of the leakage table.
 AVERAGE = "mean"
 # Non-dimension columns of a leakage matrix.
@@ -54,9 +58,10 @@ SHIFT_COLUMNS = [
 ]
 TABLE_COLUMNS = [
     "instrument", "scorer", "method", "direction", "gamma", "target", "delta_target", "ci_low", "ci_high",
-    "target_moved", "nlr", "cwl", "nglr", "valid", "n_failed", "n_targets", "n_moved", "n_seeds", "num_neurons",
-    "units",
+    "target_moved", "nlr", "nlr_ci_low", "nlr_ci_high", "cwl", "cwl_ci_low", "cwl_ci_high", "nglr",
+    "nglr_ci_low", "nglr_ci_high", "valid", "n_failed", "n_targets", "n_moved", "n_seeds", "num_neurons", "units",
 ]
+RATIOS = ("nlr", "cwl", "nglr")
 
 
 def concept_order(names: Iterable[str]) -> list[str]:
@@ -99,27 +104,11 @@ def score_shifts(rows: pd.DataFrame, instrument: str, scorer: str, pool_seeds: b
     direction, gamma) are pooled: each item's score is averaged over the draws first, so the
     interval is over items of the draw-averaged edit (``n_seeds`` says how many).
     """
-    part = rows[(rows["benchmark"] == instrument) & (rows["scorer"] == scorer)]
-    if part.empty:
+    paired = _paired_items(rows, instrument, scorer, pool_seeds)
+    if paired is None:
         return pd.DataFrame(columns=SHIFT_COLUMNS)
-    width = _scale_width(instrument, scorer)
-    units = "range" if math.isfinite(width) and width > 0 else "raw"
+    joined, edited_part, width, units = paired
     scale = width if units == "range" else 1.0
-    part = part.assign(item=part["item_id"].astype(str), score=part["score"].astype(float),
-                       seed=part["seed"] if "seed" in part else 0,
-                       num_neurons=part["num_neurons"] if "num_neurons" in part else 0)
-    part = part.assign(group=part["condition"].map(_pooled_key) if pool_seeds else part["condition"])
-    is_base = part["condition"] == "none"
-    # Per item first (a pooled random control averages its draws here), then pair with no edit.
-    base = (part[is_base].groupby(["concept", "dimension", "item"], sort=False)["score"].mean()
-            .rename("base").reset_index())
-    edited_part = part[~is_base]
-    edited = (edited_part.groupby(["concept", "group", "dimension", "item"], sort=False)["score"].mean()
-              .rename("edited").reset_index())
-    joined = edited.merge(base, on=["concept", "dimension", "item"], how="inner").dropna(subset=["edited", "base"])
-    if joined.empty:
-        return pd.DataFrame(columns=SHIFT_COLUMNS)
-    joined["diff"] = joined["edited"] - joined["base"]
     stats = joined.groupby(["concept", "group", "dimension"], sort=False).agg(
         mean_edited=("edited", "mean"), mean_base=("base", "mean"), delta_raw=("diff", "mean"),
         sd=("diff", "std"), n_items=("diff", "size")).reset_index()
@@ -143,6 +132,33 @@ def score_shifts(rows: pd.DataFrame, instrument: str, scorer: str, pool_seeds: b
     out["range"] = width
     out["units"] = units
     return out[SHIFT_COLUMNS].reset_index(drop=True)
+
+
+def _paired_items(rows: pd.DataFrame, instrument: str, scorer: str, pool_seeds: bool = True):
+    """The item-level pairs behind :func:`score_shifts`: ``(joined, edited_rows, width, units)``
+    with ``joined`` one row per (concept, group, dimension, item): ``edited``, ``base``, ``diff``
+    (raw units; ``group`` is the condition key, random draws pooled); None when nothing pairs."""
+    part = rows[(rows["benchmark"] == instrument) & (rows["scorer"] == scorer)]
+    if part.empty:
+        return None
+    width = _scale_width(instrument, scorer)
+    units = "range" if math.isfinite(width) and width > 0 else "raw"
+    part = part.assign(item=part["item_id"].astype(str), score=part["score"].astype(float),
+                       seed=part["seed"] if "seed" in part else 0,
+                       num_neurons=part["num_neurons"] if "num_neurons" in part else 0)
+    part = part.assign(group=part["condition"].map(_pooled_key) if pool_seeds else part["condition"])
+    is_base = part["condition"] == "none"
+    # Per item first (a pooled random control averages its draws here), then pair with no edit.
+    base = (part[is_base].groupby(["concept", "dimension", "item"], sort=False)["score"].mean()
+            .rename("base").reset_index())
+    edited_part = part[~is_base]
+    edited = (edited_part.groupby(["concept", "group", "dimension", "item"], sort=False)["score"].mean()
+              .rename("edited").reset_index())
+    joined = edited.merge(base, on=["concept", "dimension", "item"], how="inner").dropna(subset=["edited", "base"])
+    if joined.empty:
+        return None
+    joined["diff"] = joined["edited"] - joined["base"]
+    return joined, edited_part, width, units
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +275,75 @@ def nglr(L: pd.DataFrame) -> pd.Series:
 
 
 # ---------------------------------------------------------------------------------------------
+# bootstrap intervals of the ratios
+
+
+def item_resamples(n: int, instrument: str, scorer: str, dimension: str, draws: int = BOOTSTRAP_DRAWS,
+                   seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """``[draws, n]`` item indices drawn with replacement for one dimension of one instrument.
+
+    The stream depends on (seed, instrument, scorer, dimension, n) alone, so every method,
+    direction, gamma and steered concept sees the same resampled items: replicate b of NLR for
+    DPN-LE and replicate b for the random control are computed on the same items, and the
+    difference of two methods' replicates is a paired bootstrap of their difference."""
+    key = zlib.crc32(f"{instrument}/{scorer}/{dimension}".encode())
+    return np.random.default_rng([int(seed), key, int(n)]).integers(0, n, size=(draws, n))
+
+
+def bootstrap_ratios(diffs: dict[str, np.ndarray], target: str, instrument: str, scorer: str, scale: float = 1.0,
+                     eps: float = TARGET_EPS, draws: int = BOOTSTRAP_DRAWS,
+                     seed: int = BOOTSTRAP_SEED) -> dict[str, np.ndarray]:
+    """Bootstrap replicates ``{"nlr", "cwl", "nglr": float [draws]}`` of steering ``target``.
+
+    ``diffs[j]`` are the per-item differences (edited - no edit, raw units, items in a fixed
+    order) on dimension j. Each replicate resamples each dimension's items with replacement
+    (a stratified bootstrap: the dimensions have their own items), recomputes every Delta_j as
+    the mean difference / ``scale``, and the ratios exactly as :func:`nlr`, :func:`cwl` and
+    :func:`nglr` do (the target's shift held at +-eps). NaN replicates where a ratio is undefined.
+    """
+    if target not in diffs or len(diffs[target]) == 0:
+        return {name: np.full(draws, np.nan) for name in RATIOS}
+    means = {}
+    for j, values in diffs.items():
+        values = np.asarray(values, dtype=float)
+        if values.size == 0:
+            continue
+        means[j] = values[item_resamples(values.size, instrument, scorer, j, draws, seed)].mean(axis=1) / scale
+    d_t = means[target]
+    denom = np.where(d_t != 0, np.sign(d_t), 1.0) * np.maximum(np.abs(d_t), eps)
+    others = [j for j in means if j != target]
+    ratio = {j: np.abs(means[j] / denom) for j in others}
+    out = {"nlr": np.mean([ratio[j] for j in others], axis=0) if others else np.full(draws, np.nan)}
+    if target in VALUES:
+        vals = [j for j in others if j in VALUES]
+        weights = np.array([circumplex_distance(target, j) for j in vals], dtype=float)
+        out["cwl"] = (np.sum([w * ratio[j] for w, j in zip(weights, vals, strict=True)], axis=0) / weights.sum()
+                      if weights.sum() > 0 else np.full(draws, np.nan))
+        group = higher_order_group(target)
+        far = [j for j in vals if higher_order_group(j) != group]
+        out["nglr"] = np.mean([ratio[j] for j in far], axis=0) if far else np.full(draws, np.nan)
+    else:
+        out["cwl"] = out["nglr"] = np.full(draws, np.nan)
+    return out
+
+
+def _interval(replicates: np.ndarray) -> tuple[float, float]:
+    """Percentile interval (CI_LEVEL) of bootstrap replicates; NaN when they are not all finite."""
+    replicates = np.asarray(replicates, dtype=float)
+    if replicates.size == 0 or not np.isfinite(replicates).all():
+        return math.nan, math.nan
+    lo, hi = np.percentile(replicates, [50 * (1 - CI_LEVEL), 50 * (1 + CI_LEVEL)])
+    return float(lo), float(hi)
+
+
+def _item_diffs(joined: pd.DataFrame, concept: str, group: str) -> dict[str, np.ndarray]:
+    """Per dimension, the per-item differences of ``concept`` steered under ``group``, by item id."""
+    part = joined[(joined["concept"] == concept) & (joined["group"] == group)]
+    return {str(j): g.sort_values("item")["diff"].to_numpy(dtype=float)
+            for j, g in part.groupby("dimension", sort=False)}
+
+
+# ---------------------------------------------------------------------------------------------
 # the table
 
 
@@ -289,13 +374,19 @@ def _all_valid(flags: Sequence[float]) -> float:
 
 
 def leakage_table(rows: pd.DataFrame, validity: pd.DataFrame | None = None, eps: float = TARGET_EPS,
-                  shifts: dict[tuple[str, str], pd.DataFrame] | None = None) -> pd.DataFrame:
+                  shifts: dict[tuple[str, str], pd.DataFrame] | None = None, draws: int = BOOTSTRAP_DRAWS,
+                  seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
     """Per (instrument, scorer, method, direction, gamma): per target the target shift (95% CI),
     ``target_moved``, NLR (and CWL, NGLR for values), ``valid`` (1.0 / 0.0 / NaN: the
     instrument passed / failed / was not checked for that target on this model); then one
     ``target == "mean"`` row: NLR, CWL and NGLR averaged over the targets that moved (``n_moved``
     of ``n_targets``), the signed target shift averaged over all targets, ``valid`` 0.0 if any
     target failed (``n_failed`` of them).
+
+    Each ratio carries a percentile bootstrap interval over items (``*_ci_low``, ``*_ci_high``;
+    ``draws`` replicates from :func:`bootstrap_ratios`); the mean row's interval bootstraps the
+    mean over the targets that moved, with the same resampled items for every target and method,
+    so two methods' intervals rest on the same replicates.
 
     ``shifts`` may pass precomputed :func:`score_shifts` per (instrument, scorer).
     """
@@ -307,6 +398,9 @@ def leakage_table(rows: pd.DataFrame, validity: pd.DataFrame | None = None, eps:
             sh = score_shifts(rows, instrument, scorer)
         if sh.empty:
             continue
+        paired = _paired_items(rows, instrument, scorer)
+        joined = paired[0] if paired is not None else None
+        scale = float(sh["range"].iloc[0]) if str(sh["units"].iloc[0]) == "range" else 1.0
         combos = sh[sh["method"] != "none"][["method", "direction", "gamma"]].drop_duplicates()
         methods = method_order(sh["method"])
         combos = combos.assign(m_order=combos["method"].map(methods.index),
@@ -323,13 +417,20 @@ def leakage_table(rows: pd.DataFrame, validity: pd.DataFrame | None = None, eps:
                       "gamma": float(gamma), "n_seeds": int(part["n_seeds"].max()),
                       "units": str(part["units"].iloc[0])}
             target_records = []
+            replicates: dict[str, dict[str, np.ndarray]] = {}
             for t in L.index:
                 flag = verdict.get((instrument, scorer, t))
+                groups = part.loc[part["concept"] == t, "condition"]
+                replicates[t] = bootstrap_ratios(
+                    _item_diffs(joined, t, str(groups.iloc[0])) if joined is not None and len(groups) else {},
+                    t, instrument, scorer, scale=scale, eps=eps, draws=draws, seed=seed)
+                bounds = {f"{name}_ci_{end}": value for name in RATIOS
+                          for end, value in zip(("low", "high"), _interval(replicates[t][name]), strict=True)}
                 target_records.append({
                     **common, "target": t, "delta_target": L.at[t, "delta_target"],
                     "ci_low": L.at[t, "ci_low_target"], "ci_high": L.at[t, "ci_high_target"],
                     "target_moved": bool(L.at[t, "target_moved"]), "nlr": n_l[t], "cwl": c_l[t],
-                    "nglr": g_l[t], "valid": math.nan if flag is None else float(flag),
+                    "nglr": g_l[t], **bounds, "valid": math.nan if flag is None else float(flag),
                     "n_failed": int(flag is False),
                     "n_targets": 1, "n_moved": int(bool(L.at[t, "target_moved"])),
                     "num_neurons": float(part.loc[part["concept"] == t, "num_neurons"].mean()),
@@ -337,13 +438,19 @@ def leakage_table(rows: pd.DataFrame, validity: pd.DataFrame | None = None, eps:
             records.extend(target_records)
             frame = pd.DataFrame(target_records)
             ok = frame[frame["target_moved"]]
+            mean_bounds = {}
+            for name in RATIOS:
+                reps = [replicates[t][name] for t in ok["target"] if np.isfinite(replicates[t][name]).all()]
+                usable = len(reps) == len(ok) and len(reps) > 0
+                lo, hi = _interval(np.mean(reps, axis=0)) if usable else (math.nan, math.nan)
+                mean_bounds.update({f"{name}_ci_low": lo, f"{name}_ci_high": hi})
             records.append({
                 **common, "target": AVERAGE, "delta_target": float(frame["delta_target"].mean()),
                 "ci_low": math.nan, "ci_high": math.nan, "target_moved": bool(len(ok)),
                 "nlr": float(ok["nlr"].mean()) if len(ok) else math.nan,
                 "cwl": float(ok["cwl"].mean()) if ok["cwl"].notna().any() else math.nan,
                 "nglr": float(ok["nglr"].mean()) if ok["nglr"].notna().any() else math.nan,
-                "valid": _all_valid(list(frame["valid"])), "n_failed": int(frame["n_failed"].sum()),
+                **mean_bounds, "valid": _all_valid(list(frame["valid"])), "n_failed": int(frame["n_failed"].sum()),
                 "n_targets": len(frame), "n_moved": len(ok),
                 "num_neurons": float(frame["num_neurons"].mean()),
             })

@@ -749,7 +749,9 @@ def _comparison_sentences(table: pd.DataFrame, instrument: str, scorer: str) -> 
             gamma = min(rows["gamma"], key=lambda g: (abs(g - 1.0), -g))
             r = rows[rows["gamma"] == gamma].iloc[0]
             gtext = f" at gamma {gamma:g}" if method not in ("prompt",) else ""
-            leak = (f"mean NLR {r['nlr']:.2f}" if math.isfinite(r["nlr"])
+            ci = (f" (95% bootstrap CI {r['nlr_ci_low']:.2f}-{r['nlr_ci_high']:.2f})"
+                  if math.isfinite(r.get("nlr_ci_low", math.nan)) else "")
+            leak = (f"mean NLR {r['nlr']:.2f}{ci}" if math.isfinite(r["nlr"])
                     else "NLR not interpretable (no target moved)")
             extra = ""
             if math.isfinite(r["nlr"]) and math.isfinite(r["cwl"]):
@@ -765,6 +767,15 @@ def _comparison_sentences(table: pd.DataFrame, instrument: str, scorer: str) -> 
     return sentences
 
 
+def _ratio_ci(r: Any, name: str) -> str:
+    """A leakage ratio with its bootstrap interval: ``0.123 [0.080, 0.170]`` (no interval: the value)."""
+    text = _num(getattr(r, name))
+    lo, hi = getattr(r, f"{name}_ci_low", math.nan), getattr(r, f"{name}_ci_high", math.nan)
+    if text and math.isfinite(float(lo)) and math.isfinite(float(hi)):
+        text += f" [{_num(lo)}, {_num(hi)}]"
+    return text
+
+
 def _leakage_display(table: pd.DataFrame, average: bool) -> pd.DataFrame:
     part = table[(table["target"] == lk.AVERAGE) == average]
     records = []
@@ -774,13 +785,17 @@ def _leakage_display(table: pd.DataFrame, average: bool) -> pd.DataFrame:
                                "gamma": "-" if r.method == "prompt" else _num(r.gamma, "g")}
         if average:
             rec.update({"targets moved": f"{r.n_moved}/{r.n_targets}", "mean Δt": _signed(r.delta_target),
-                        "mean NLR": _num(r.nlr), "mean CWL": _num(r.cwl), "mean NGLR": _num(r.nglr)})
+                        "mean NLR": _ratio_ci(r, "nlr"), "mean CWL": _ratio_ci(r, "cwl"),
+                        "mean NGLR": _ratio_ci(r, "nglr")})
         else:
             # A ratio to a target that did not move is kept, in parentheses: it is not a finding.
-            ratio = _num if r.target_moved else (lambda v: f"({_num(v)})" if _num(v) else "")
+            def ratio(name: str, r: Any = r) -> str:
+                text = _ratio_ci(r, name)
+                return text if r.target_moved or not text else f"({text})"
+
             rec.update({"target": r.target, "Δt (95% CI)": _interval(r.delta_target, r.ci_low, r.ci_high),
-                        "moved": "yes" if r.target_moved else "not moved", "NLR": ratio(r.nlr),
-                        "CWL": ratio(r.cwl), "NGLR": ratio(r.nglr)})
+                        "moved": "yes" if r.target_moved else "not moved", "NLR": ratio("nlr"),
+                        "CWL": ratio("cwl"), "NGLR": ratio("nglr")})
         rec["valid"] = _valid_text(r.valid)
         if average and r.valid == 0.0:
             rec["valid"] = f"FAILED for {r.n_failed}/{r.n_targets}"

@@ -30,6 +30,7 @@ How a batch is captured, and why:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -58,8 +59,8 @@ from dpnle.arch import SITES, Architecture, architecture, check_site
 from dpnle.batching import input_device, pad_token_id
 from dpnle.concepts import TRAITS
 from dpnle.distributed import Workers
-from dpnle.pairs import pairs_digest, render_prompt, to_samples
-from dpnle.stats import LayerStats, RunningMoments
+from dpnle.pairs import LEGACY_TEMPLATE_ID, npti_message, pairs_digest, pairs_info, render_prompt, to_samples
+from dpnle.stats import NPTI_HIST_BINS, LayerStats, RunningMoments, TokenCounts, stats_from_moments
 
 try:
     import fcntl
@@ -85,10 +86,76 @@ CPU_BATCH_SIZE = 16
 MAX_AUTO_BATCH_SIZE = 256
 POLES = ("high", "low")
 
+# How a response-mean capture makes and reads its responses (--npti-protocol):
+# "dpnle": DPN-LE's prompt, greedy max_new_tokens (64), the response text re-tokenized after the
+# prompt, reduced over all its tokens. "reference": NPTI's search_neuron.py (RUCAIBox/NPTI
+# @630d2a2): NPTI's prompt (pairs.NPTI_TEMPLATE), greedy, 500 new tokens, repetition penalty 1.1,
+# the generated ids themselves, reduced over all of them but the last (the tokens NPTI's decode
+# steps feed the model; its prefill is not counted), every layer captured by default.
+NPTI_PROTOCOLS = ("dpnle", "reference")
+DEFAULT_MAX_NEW_TOKENS = 64
+NPTI_REFERENCE_GENERATION = {"max_new_tokens": 500, "repetition_penalty": 1.1, "do_sample": False}
+
+
+def check_npti_protocol(protocol: str, policy: str = "response-mean") -> None:
+    if protocol not in NPTI_PROTOCOLS:
+        raise runs_io.InputError(
+            f"Unknown NPTI protocol {protocol!r}; choose one of {', '.join(NPTI_PROTOCOLS)} (e.g. --npti-protocol "
+            "reference)."
+        )
+    if protocol != "dpnle" and policy != "response-mean":
+        raise runs_io.InputError(
+            f"--npti-protocol {protocol} sets how responses are generated, so it needs --policy response-mean "
+            f"(and --site gate for NPTI), not --policy {policy}."
+        )
+
+
+def resolve_max_new_tokens(max_new_tokens: int | None, protocol: str = "dpnle") -> int:
+    """``max_new_tokens``, or its default: 64 (dpnle), 500 (NPTI's reference protocol)."""
+    if max_new_tokens is not None:
+        return int(max_new_tokens)
+    return NPTI_REFERENCE_GENERATION["max_new_tokens"] if protocol == "reference" else DEFAULT_MAX_NEW_TOKENS
+
+
+def generation_settings(protocol: str, max_new_tokens: int) -> dict[str, Any]:
+    """What a response-mean capture records about its responses (manifest and, for the
+    reference protocol, the capture key)."""
+    if protocol == "reference":
+        return {
+            "protocol": "reference",
+            "template": "npti (pairs.NPTI_TEMPLATE, RUCAIBox/NPTI search_neuron.py TEMPLATE)",
+            "max_new_tokens": int(max_new_tokens),
+            "repetition_penalty": NPTI_REFERENCE_GENERATION["repetition_penalty"],
+            "repetition_penalty_tokens": "prompt and generated tokens, left padding excluded (as vLLM)",
+            "do_sample": False,
+            "reduced_tokens": "generated token ids, all but the last (NPTI's decode-step inputs); a response "
+                              "of one token: that token for the per-sample mean, none for the pooled counts",
+        }
+    return {
+        "protocol": "dpnle",
+        "template": "dpnle (the pair's message)",
+        "max_new_tokens": int(max_new_tokens),
+        "repetition_penalty": None,
+        "do_sample": False,
+        "reduced_tokens": "response text re-tokenized after the prompt, all its tokens",
+    }
+
 MANIFEST_FILE = "manifest.json"
 STATS_FILE = "stats.parquet"
 PAIRS_FILE = "pairs.parquet"
 LOCK_FILE = "writer.lock"
+
+
+TOKENIZATIONS = ("dpnle", "reference")
+REFERENCE_MAX_LENGTH = 2048  # the reference's max_length (truncation=True); dpnle refuses longer prompts
+
+
+def check_tokenization(tokenization: str) -> None:
+    if tokenization not in TOKENIZATIONS:
+        raise runs_io.InputError(
+            f"Unknown tokenization {tokenization!r}; choose one of {', '.join(TOKENIZATIONS)} (e.g. --tokenization "
+            "reference)."
+        )
 
 
 def check_policy(policy: str) -> None:
@@ -114,12 +181,13 @@ def check_batch_size(batch_size: int | str) -> int | str:
 
 def check_options(
     site: str = "mlp", policy: str = "last", batch_size: int | str = "auto", shard_size: int = 256,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 64, tokenization: str = "dpnle",
 ) -> None:
     """Refuse capture options that cannot work, before any model is loaded or file written."""
     if site not in SITES:
         raise runs_io.InputError(f"Unknown site {site!r}; choose one of {', '.join(SITES)} (e.g. --site mlp).")
     check_policy(policy)
+    check_tokenization(tokenization)
     check_batch_size(batch_size)
     if int(shard_size) < 1:
         raise runs_io.InputError(f"shard_size must be at least 1, not {shard_size}: pass e.g. --shard-size 256.")
@@ -170,6 +238,8 @@ class _Encoded:
 
     ids: list[int]
     reduce_tokens: int  # the mean policies average over the last ``reduce_tokens`` ids
+    # The pooled token counts (TokenCounts) count the last ``pool_tokens`` ids (None: reduce_tokens).
+    pool_tokens: int | None = None
 
 
 @dataclass
@@ -179,6 +249,7 @@ class _Batch:
     attention_mask: Tensor  # [batch, seq] 1 for real tokens
     reduce_mask: Tensor | None  # [batch, seq] bool: tokens a mean policy averages over
     num_tokens: int
+    pool_mask: Tensor | None = None  # [batch, seq] bool: tokens the pooled counts count (None: reduce_mask)
 
 
 @dataclass
@@ -200,9 +271,32 @@ def _encode(
     prompts: Sequence[str],
     responses: Sequence[str] | None = None,
     policy: str = "last",
+    tokenization: str = "dpnle",
 ) -> list[_Encoded]:
-    add_special = not _uses_template_specials(tokenizer)
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=add_special)["input_ids"]
+    """Token ids of the rendered ``prompts`` (and ``responses``, for response-mean).
+
+    ``tokenization="dpnle"``: special tokens are added only when the tokenizer has no chat template
+    (a template writes its own, so Llama-3's prompt starts with one BOS). ``"reference"``: the
+    reference's ``tokenizer(text)`` with the tokenizer's defaults (special tokens added, so
+    Llama-3's prompt starts with two BOS). The reference also passes ``truncation=True,
+    max_length=2048``; dpnle refuses a prompt longer than 2048 tokens in this mode instead of
+    cutting its end (which would move the captured last token), so every prompt it accepts has
+    exactly the reference's ids.
+    """
+    check_tokenization(tokenization)
+    if tokenization == "reference":
+        prompt_ids = tokenizer(list(prompts))["input_ids"]
+        too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > REFERENCE_MAX_LENGTH]
+        if too_long:
+            first = too_long[0]
+            raise runs_io.InputError(
+                f"{len(too_long)} prompt(s) are longer than the reference's max_length of {REFERENCE_MAX_LENGTH} "
+                f"tokens (prompt {first}: {len(prompt_ids[first])} tokens); the reference would truncate their end "
+                "and capture another token, so dpnle refuses them: shorten them, or use --tokenization dpnle."
+            )
+    else:
+        add_special = not _uses_template_specials(tokenizer)
+        prompt_ids = tokenizer(list(prompts), add_special_tokens=add_special)["input_ids"]
     if any(len(ids) == 0 for ids in prompt_ids):
         empty = next(i for i, ids in enumerate(prompt_ids) if len(ids) == 0)
         raise ValueError(f"Prompt {empty} tokenizes to no tokens; every prompt needs at least one.")
@@ -234,12 +328,20 @@ def _pad_left(
     input_ids = np.full((len(rows), seq), pad_id, dtype=np.int64)
     attention = np.zeros((len(rows), seq), dtype=np.int64)
     reduce = np.zeros((len(rows), seq), dtype=bool) if policy in MEAN_POLICIES else None
+    pooled = None
+    if reduce is not None and any(r.pool_tokens is not None and r.pool_tokens != r.reduce_tokens for r in rows):
+        pooled = np.zeros((len(rows), seq), dtype=bool)
     for row, enc in enumerate(rows):
         input_ids[row, seq - len(enc.ids) :] = enc.ids
         attention[row, seq - len(enc.ids) :] = 1
         if reduce is not None:
             reduce[row, seq - enc.reduce_tokens :] = True
+        if pooled is not None:
+            count = enc.reduce_tokens if enc.pool_tokens is None else enc.pool_tokens
+            if count > 0:
+                pooled[row, seq - count :] = True
     return _Batch(
+        pool_mask=None if pooled is None else torch.from_numpy(pooled).to(device),
         positions=np.asarray(positions),
         input_ids=torch.from_numpy(input_ids).to(device),
         attention_mask=torch.from_numpy(attention).to(device),
@@ -294,6 +396,11 @@ class _SiteRecorder:
         self._acts: Tensor | None = None  # [layers, batch, width] float32
         self._positive: Tensor | None = None
         self._fired: list[bool] = []
+        # NPTI's pooled counts (gate site, response-mean): set by the caller for a run of batches.
+        # ``count_groups`` [encoded] holds each prompt's group (0 high, 1 low); ``token_counts``
+        # maps (group, slot) to the TokenCounts the pooled tokens of that group and layer go into.
+        self.count_groups: np.ndarray | None = None
+        self.token_counts: dict[tuple[int, int], TokenCounts] | None = None
 
     def buffer_elements(self, batch_size: int) -> int:
         """float32 elements the per-batch output buffers take."""
@@ -350,9 +457,24 @@ class _SiteRecorder:
             if self._positive is not None:
                 positive = ((hidden > 0) & mask[..., None]).sum(dim=1, dtype=torch.float32)
                 self._positive[slot].copy_(positive / counts)
+            if self.token_counts is not None and self.count_groups is not None:
+                self._count_tokens(slot, hidden, batch.pool_mask if batch.pool_mask is not None else mask)
         self._fired[slot] = True
         if slot == len(self.layers) - 1:
             raise _StopForward
+
+    def _count_tokens(self, slot: int, hidden: Tensor, pool: Tensor) -> None:
+        """Pool the tokens of ``pool`` [batch, seq] per group into ``token_counts`` (NPTI's
+        over_zero / token_num / histogram), on the device."""
+        batch = self._batch
+        assert batch is not None and self.token_counts is not None and self.count_groups is not None
+        groups = torch.from_numpy(np.asarray(self.count_groups)[batch.positions]).to(pool.device)
+        for (group, counted_slot), counts in self.token_counts.items():
+            if counted_slot != slot:
+                continue
+            rows = pool & (groups == group)[:, None]
+            if bool(rows.any()):
+                counts.update(hidden[rows])
 
     @torch.inference_mode()
     def run(self, model: nn.Module, batch: _Batch) -> _BatchResult:
@@ -567,8 +689,10 @@ def generate_responses(
     max_new_tokens: int = 64,
     batch_size: int | str = "auto",
     progress: bool = False,
+    tokenization: str = "dpnle",
 ) -> list[str]:
-    """Greedy responses to ``prompts`` (special tokens stripped), in the prompts' order."""
+    """Greedy responses to ``prompts`` (special tokens stripped), in the prompts' order
+    (``tokenization``: see :func:`_encode`)."""
     from transformers import GenerationConfig
 
     device = input_device(model)
@@ -578,7 +702,7 @@ def generate_responses(
         size = 64  # the KV cache, not the activations, bounds generation; halved on OOM below
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
-    encoded = _encode(tokenizer, prompts)
+    encoded = _encode(tokenizer, prompts, tokenization=tokenization)
     responses: list[str] = [""] * len(prompts)
     pending = _length_sorted_batches(encoded, size)
     with _Progress(len(prompts), "generating", progress) as bar, torch.inference_mode():
@@ -596,6 +720,88 @@ def generate_responses(
     return responses
 
 
+def _prompt_repetition_penalty(penalty: float, pad_lengths: Tensor):
+    """A logits processor applying ``penalty`` the way vLLM does (NPTI generates with vLLM): to
+    every token id that occurs in the prompt or the response so far (a positive logit divided by
+    it, a negative one multiplied), but never to the left padding of a batch, which vLLM does not
+    have. (transformers' own processor would count the pad ids of a shorter prompt as seen.)"""
+    from transformers import LogitsProcessor
+
+    class _Penalty(LogitsProcessor):
+        def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            real = (positions[None, :] >= pad_lengths.to(input_ids.device)[:, None]).to(torch.int32)
+            seen = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
+            seen.scatter_add_(1, input_ids.to(scores.device), real.to(scores.device))
+            penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+            return torch.where(seen > 0, penalized, scores)
+
+    return _Penalty()
+
+
+def generate_response_ids(
+    model: nn.Module,
+    tokenizer: Any,
+    encoded: Sequence[_Encoded],
+    max_new_tokens: int,
+    batch_size: int | str = "auto",
+    repetition_penalty: float | None = None,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Greedy responses to the tokenized prompts ``encoded``, as generated token ids: each up to
+    and including its first end-of-sequence id, or ``max_new_tokens`` ids (NPTI's reference
+    protocol reads these ids themselves, never re-tokenized text). ``repetition_penalty`` is
+    applied as vLLM applies it (:func:`_prompt_repetition_penalty`)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    device = input_device(model)
+    pad_id = pad_token_id(tokenizer)
+    size = CPU_BATCH_SIZE if batch_size == "auto" else int(batch_size)
+    if batch_size == "auto" and device.type == "cuda":
+        size = 64  # the KV cache bounds generation; halved on OOM below
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+    eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
+    generated: list[list[int]] = [[] for _ in encoded]
+    pending = _length_sorted_batches(encoded, size)
+    with _Progress(len(encoded), "generating", progress) as bar, torch.inference_mode():
+        while pending:
+            positions = pending.pop(0)
+            batch = _pad_left(encoded, positions, pad_id, device, "last")
+            processors = LogitsProcessorList()
+            if repetition_penalty is not None and repetition_penalty != 1.0:
+                pad_lengths = (batch.attention_mask == 0).sum(dim=1)
+                processors.append(_prompt_repetition_penalty(float(repetition_penalty), pad_lengths))
+            try:
+                out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     generation_config=config, logits_processor=processors)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not _is_oom(exc) or len(positions) == 1:
+                    raise
+                torch.cuda.empty_cache()
+                half = len(positions) // 2
+                pending[:0] = [positions[:half], positions[half:]]
+                continue
+            new = out[:, batch.input_ids.shape[1] :].cpu().tolist()
+            for row, index in enumerate(positions):
+                ids = new[row]
+                end = next((k for k, token in enumerate(ids) if token in eos_ids), None)
+                generated[index] = ids if end is None else ids[: end + 1]
+            bar.advance(len(positions), sum(len(encoded[i].ids) for i in positions))
+    return generated
+
+
+def _encode_generated(prompt: _Encoded, generated: Sequence[int], eos_id: int | None) -> _Encoded:
+    """Prompt ids + generated ids for NPTI's reference protocol: the model is fed every generated
+    id but the last (the inputs of NPTI's decode steps), and the pooled counts count exactly those.
+    A response of one id (the model stopped at once) is fed that id so the per-sample mean has a
+    token; it adds nothing to the pooled counts, as in the reference."""
+    ids = list(generated) or ([] if eos_id is None else [int(eos_id)])
+    if len(ids) >= 2:
+        return _Encoded(list(prompt.ids) + ids[:-1], len(ids) - 1, pool_tokens=len(ids) - 1)
+    return _Encoded(list(prompt.ids) + ids, len(ids), pool_tokens=0)
+
+
 def collect(
     model: nn.Module,
     tokenizer: Any,
@@ -607,6 +813,7 @@ def collect(
     batch_size: int | str = "auto",
     response_texts: Sequence[str] | None = None,
     progress: bool = True,
+    tokenization: str = "dpnle",
 ) -> Capture:
     """Capture ``site`` activations of ``prompts`` (already rendered text) under ``policy``.
 
@@ -617,13 +824,15 @@ def collect(
     """
     check_site(site)
     check_policy(policy)
+    check_tokenization(tokenization)
     arch = architecture(model)
     layer_list = _normalize_layers(layers, arch.num_layers)
     device = input_device(model)
     pad_id = pad_token_id(tokenizer)
     if policy == "response-mean" and response_texts is None:
-        response_texts = generate_responses(model, tokenizer, prompts, batch_size=batch_size, progress=progress)
-    encoded = _encode(tokenizer, prompts, response_texts, policy)
+        response_texts = generate_responses(model, tokenizer, prompts, batch_size=batch_size, progress=progress,
+                                            tokenization=tokenization)
+    encoded = _encode(tokenizer, prompts, response_texts, policy, tokenization)
     width = arch.width(site)
     activations = {layer: np.empty((len(prompts), width), dtype=np.float32) for layer in layer_list}
     positive: dict[int, np.ndarray] | None = None
@@ -683,6 +892,8 @@ def _describe_key_value(field_name: str, value: Any, manifest: dict[str, Any]) -
     if field_name == "model":
         model_id = manifest.get("model", {}).get("id", "?")
         return f"{model_id} (fingerprint {value})"
+    if field_name == "tokenization" and value is None:
+        return "'dpnle' (the default)"
     return repr(value)
 
 
@@ -697,13 +908,41 @@ def _check_key(directory: Path, manifest: dict[str, Any], key: dict[str, Any], n
         f"{_describe_key_value(f, key.get(f), new_manifest)} now"
         for f in differing
     )
-    names = {"pairs": "pair set", "policy": "token policy", "layers": "layer list", "shard_size": "shard size",
-             "max_new_tokens": "response length"}
+    if "npti_protocol" in differing:
+        details += (
+            "; a response-mean capture made with one --npti-protocol (dpnle: DPN-LE prompt, 64 tokens, re-tokenized "
+            "text; reference: NPTI's prompt, 500 tokens, repetition penalty 1.1, generated ids) is never reused for "
+            "the other"
+        )
+    names = {"npti_protocol": "NPTI protocol", "generation": "generation settings"} | {"pairs": "pair set", "policy": "token policy", "layers": "layer list", "shard_size": "shard size",
+             "max_new_tokens": "response length", "tokenization": "tokenization"}
     raise runs_io.ArtifactError(
         f"The capture in {directory} was made with a different {', '.join(names.get(f, f) for f in differing)} "
-        f"({details}). "
+        f"({details}).{_pairs_change(directory, manifest, new_manifest) if 'pairs' in differing else ''} "
         "Pass --overwrite (overwrite=True) to discard it and start over, or use another --run."
     )
+
+
+def _pairs_change(directory: Path, manifest: dict[str, Any], new_manifest: dict[str, Any]) -> str:
+    """Why the pair set differs, where the records tell: another prompt template (captures made
+    before dpnle recorded one used the single-newline template), or another pair sampling."""
+    old, new = dict(manifest.get("pairs") or {}), dict(new_manifest.get("pairs") or {})
+    if "template" not in old and (directory / PAIRS_FILE).exists():
+        with contextlib.suppress(Exception):  # an unreadable old pair file only loses the hint
+            old.update({k: v for k, v in pairs_info(pd.read_parquet(directory / PAIRS_FILE)).items()
+                        if k == "template"})
+    notes = []
+    if old.get("template") != new.get("template") and (old.get("template") or new.get("template")):
+        stale = " (dpnle's earlier default, stale)" if old.get("template") == LEGACY_TEMPLATE_ID else ""
+        notes.append(f"prompt template {old.get('template')!r}{stale} there, {new.get('template')!r} now")
+    if old.get("pair_sampling", "dpnle") != new.get("pair_sampling", "dpnle") or (
+        old.get("pair_seed") is not None and old.get("pair_seed") != new.get("pair_seed")
+    ):
+        notes.append(
+            f"pair sampling {old.get('pair_sampling', 'dpnle')!r} (seed {old.get('pair_seed')}) there, "
+            f"{new.get('pair_sampling')!r} (seed {new.get('pair_seed')}) now"
+        )
+    return f" The pairs differ in how they were made: {'; '.join(notes)}." if notes else ""
 
 
 def _remove_temp_files(directory: Path) -> None:
@@ -850,8 +1089,12 @@ def _resumed_batch_size(directory: Path, requested: int | str, recorded: dict[in
     return sizes[0]
 
 
-def _moments_table(moments: dict[tuple[str, int], RunningMoments], layers: Sequence[int], width: int) -> pa.Table:
-    """One row per (pole, layer): n, mean, m2 and pos_frac_sum (float64 lists)."""
+def _moments_table(
+    moments: dict[tuple[str, int], RunningMoments], layers: Sequence[int], width: int,
+    token_counts: dict[tuple[str, int], TokenCounts] | None = None,
+) -> pa.Table:
+    """One row per (pole, layer): n, mean, m2 and pos_frac_sum (float64 lists); with
+    ``token_counts``, NPTI's pooled counts too (:func:`_with_token_counts`)."""
     poles, layer_col, counts, means, m2s, pos_sums = [], [], [], [], [], []
     for pole in POLES:
         for layer in layers:
@@ -863,7 +1106,7 @@ def _moments_table(moments: dict[tuple[str, int], RunningMoments], layers: Seque
             m2s.append(m.m2)
             pos_sums.append(m.positive_fraction_sum)
     has_pos = any(p is not None for p in pos_sums)
-    return pa.table(
+    table = pa.table(
         {
             "pole": pa.array(poles, pa.string()),
             "layer": pa.array(layer_col, pa.int16()),
@@ -873,6 +1116,45 @@ def _moments_table(moments: dict[tuple[str, int], RunningMoments], layers: Seque
             "pos_frac_sum": _float64_lists(pos_sums, width) if has_pos else pa.nulls(len(poles), pa.list_(pa.float64())),
         }
     )
+    return table if token_counts is None else _with_token_counts(table, token_counts, layers, width)
+
+
+def _with_token_counts(
+    table: pa.Table, token_counts: dict[tuple[str, int], TokenCounts], layers: Sequence[int], width: int
+) -> pa.Table:
+    """``table`` plus NPTI's pooled counts per (pole, layer) row: ``token_count`` (int64),
+    ``pos_count`` (list<int64> [width]) and ``hist`` (list<int32|int64> [width * 301], neuron-major)."""
+    cells = [token_counts[pole, layer] for pole in POLES for layer in layers]
+    hists = [c.hist for c in cells]
+    dtype = np.int64 if any(h.dtype == np.int64 for h in hists) else np.int32
+    hist_values = np.concatenate([h.astype(dtype, copy=False).reshape(-1) for h in hists])
+    pos_values = np.concatenate([c.positive for c in cells])
+    offsets = np.arange(len(cells) + 1, dtype=np.int64)
+    table = table.append_column("token_count", pa.array([c.tokens for c in cells], pa.int64()))
+    table = table.append_column(
+        "pos_count", pa.LargeListArray.from_arrays(pa.array(offsets * width), pa.array(pos_values))
+    )
+    return table.append_column(
+        "hist", pa.LargeListArray.from_arrays(pa.array(offsets * width * NPTI_HIST_BINS), pa.array(hist_values))
+    )
+
+
+def _read_token_counts(path: Path, width: int) -> dict[tuple[str, int], TokenCounts] | None:
+    """NPTI's pooled counts of a statistics file, or None when it has none (a capture of another
+    site or policy, or one made before dpnle kept them)."""
+    if "hist" not in pq.read_schema(path).names:
+        return None
+    table = runs_io.read_parquet_table(path, columns=["pole", "layer", "token_count", "pos_count", "hist"])
+    rows = table.num_rows
+    pos = table.column("pos_count").combine_chunks().flatten().to_numpy().reshape(rows, width)
+    hist = table.column("hist").combine_chunks().flatten().to_numpy().reshape(rows, width, NPTI_HIST_BINS)
+    result = {}
+    for row, (pole, layer, tokens) in enumerate(
+        zip(table.column("pole").to_pylist(), table.column("layer").to_pylist(),
+            table.column("token_count").to_pylist(), strict=True)
+    ):
+        result[pole, int(layer)] = TokenCounts.from_arrays(tokens, pos[row], hist[row])
+    return result
 
 
 def _float64_lists(rows: Sequence[np.ndarray | None], width: int) -> pa.Array:
@@ -896,6 +1178,8 @@ def _list_column(table: pa.Table, name: str, width: int) -> np.ndarray | None:
 
 def _read_moments(path: Path, width: int) -> dict[tuple[str, int], RunningMoments]:
     table = runs_io.read_parquet_table(path)
+    if "hist" in table.column_names:  # NPTI's counts are read by _read_token_counts
+        table = table.drop_columns(["hist", "pos_count", "token_count"])
     means = _list_column(table, "mean", width)
     m2s = _list_column(table, "m2", width)
     pos = _list_column(table, "pos_frac_sum", width)
@@ -966,6 +1250,17 @@ class _StageContext:
     device: torch.device
     directory: Path
     key_digest: str
+    tokenization: str = "dpnle"
+    npti_protocol: str = "dpnle"  # response-mean: how responses are generated and read (NPTI_PROTOCOLS)
+    count_tokens: bool = False  # keep NPTI's pooled counts and histograms (gate site, response-mean)
+
+
+def _counting_done(results: Iterator[_BatchResult], recorder: _SiteRecorder) -> Iterator[_BatchResult]:
+    """``results``, then (also when the consumer stops early) the recorder's counting switched off."""
+    try:
+        yield from results
+    finally:
+        recorder.count_groups = recorder.token_counts = None
 
 
 def _capture_shard(ctx: _StageContext, shard: int, rows: np.ndarray, bar: _Progress) -> Callable[[], None]:
@@ -974,20 +1269,38 @@ def _capture_shard(ctx: _StageContext, shard: int, rows: np.ndarray, bar: _Progr
     shard_samples = ctx.samples.iloc[rows]
     policy = ctx.recorder.policy
     responses: list[str] | None = None
-    if policy == "response-mean":
+    if policy == "response-mean" and ctx.npti_protocol == "reference":
+        prompt_ids = [ctx.encoded[i] for i in rows]
+        generated = generate_response_ids(
+            ctx.model, ctx.tokenizer, prompt_ids, ctx.max_new_tokens, ctx.batch_size,
+            repetition_penalty=NPTI_REFERENCE_GENERATION["repetition_penalty"], progress=False,
+        )
+        encoded = [_encode_generated(p, g, ctx.tokenizer.eos_token_id) for p, g in zip(prompt_ids, generated, strict=True)]
+        responses = [ctx.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+    elif policy == "response-mean":
         shard_prompts = [ctx.prompts[i] for i in rows]
         responses = generate_responses(
-            ctx.model, ctx.tokenizer, shard_prompts, ctx.max_new_tokens, ctx.batch_size, progress=False
+            ctx.model, ctx.tokenizer, shard_prompts, ctx.max_new_tokens, ctx.batch_size, progress=False,
+            tokenization=ctx.tokenization,
         )
-        encoded = _encode(ctx.tokenizer, shard_prompts, responses, policy)
+        encoded = _encode(ctx.tokenizer, shard_prompts, responses, policy, ctx.tokenization)
     else:
         encoded = [ctx.encoded[i] for i in rows]
     acts16 = np.empty((len(ctx.layers), len(rows), ctx.width), dtype=np.float16)  # [layers, samples, width]
     pos16 = np.empty_like(acts16) if ctx.recorder.track_positive else None
     moments = {(pole, layer): RunningMoments(ctx.width) for pole in POLES for layer in ctx.layers}
     is_high = shard_samples["pole"].to_numpy() == "high"
+    counts: dict[tuple[str, int], TokenCounts] | None = None
+    if ctx.count_tokens:
+        # NPTI's pooled counts: group 0 = high, 1 = low (POLES order), one TokenCounts per layer.
+        counts = {(pole, layer): TokenCounts(ctx.width) for pole in POLES for layer in ctx.layers}
+        ctx.recorder.count_groups = np.where(is_high, 0, 1)
+        ctx.recorder.token_counts = {
+            (POLES.index(pole), ctx.layers.index(layer)): c for (pole, layer), c in counts.items()
+        }
     tokens = 0
-    for result in _run_batches(ctx.recorder, ctx.model, encoded, ctx.batch_size, ctx.pad_id, ctx.device):
+    batch_results = _run_batches(ctx.recorder, ctx.model, encoded, ctx.batch_size, ctx.pad_id, ctx.device)
+    for result in _counting_done(batch_results, ctx.recorder):
         high = torch.from_numpy(is_high[result.positions]).to(result.acts.device)
         for slot, layer in enumerate(ctx.layers):
             acts = result.acts[slot]  # [batch, width] float32: statistics before float16 rounding
@@ -1017,7 +1330,7 @@ def _capture_shard(ctx: _StageContext, shard: int, rows: np.ndarray, bar: _Progr
         # The partial first: a shard file on disk then always has its statistics next to it.
         runs_io.write_parquet(
             _stats_shard_path(ctx.directory, shard),
-            _moments_table(moments, ctx.layers, ctx.width),
+            _moments_table(moments, ctx.layers, ctx.width, counts),
             metadata={**meta, "kind": "stats-shard"},
         )
         runs_io.write_parquet(
@@ -1045,10 +1358,12 @@ def collect_concept(
     batch_size: int | str = "auto",
     shard_size: int = 256,
     overwrite: bool = False,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
+    npti_protocol: str = "dpnle",
     progress: bool = True,
     workers: Workers | None = None,
     log: Callable[[str], None] | None = None,
+    tokenization: str = "dpnle",
 ) -> CaptureSummary:
     """Capture ``concept``'s pairs into ``capture_dir(run, concept, site, policy)``, continuing
     a capture that was interrupted.
@@ -1071,11 +1386,20 @@ def collect_concept(
     checks and prepares the directory, every process captures every ``world``-th missing shard
     on its own device, and the main process merges all partials in shard order, so the
     statistics equal a one-process capture's bit for bit.
+
+    ``tokenization`` (see :func:`_encode`) is recorded in the manifest and, when not dpnle's
+    default, in the capture key, so a capture begun in one mode is never resumed in the other.
+    The manifest's ``pairs`` also records how the pairs were made (prompt template, pair sampling
+    and its seed, question source; :func:`dpnle.pairs.pairs_info`).
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     start = time.perf_counter()
     workers = workers or Workers()
-    check_options(site, policy, batch_size, shard_size, max_new_tokens)
+    check_npti_protocol(npti_protocol, policy)
+    max_new_tokens = resolve_max_new_tokens(max_new_tokens, npti_protocol)
+    # NPTI's pooled counts and histograms: every gate-site response-mean capture keeps them.
+    count_tokens = site == "gate" and policy == "response-mean"
+    check_options(site, policy, batch_size, shard_size, max_new_tokens, tokenization)
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = architecture(model)
     layer_list = _normalize_layers(layers, arch.num_layers)
@@ -1091,6 +1415,17 @@ def collect_concept(
         raise runs_io.InputError(
             f"The pair set for {concept!r} is empty; make pairs with `dpnle data pairs` first."
         )
+    if npti_protocol == "reference":
+        # NPTI's prompt around each side's persona description and the pair's question.
+        if (samples["response_prefix"].astype(str) != "").any():
+            raise runs_io.InputError(
+                "--npti-protocol reference generates from NPTI's persona prompt, which has no response prefix; "
+                "use pairs of the personalitybench or values recipe."
+            )
+        question_of = dict(zip(pairs["pair_id"].to_numpy().tolist(), pairs["question"].astype(str), strict=True))
+        samples = samples.assign(message=[
+            npti_message(str(m), question_of[int(p)]) for m, p in zip(samples["message"], samples["pair_id"], strict=True)
+        ])
     directory = capture_dir(run, concept, site, policy)
     digest_of_pairs = pairs_digest(pairs)
     key: dict[str, Any] = {
@@ -1103,6 +1438,11 @@ def collect_concept(
     }
     if policy == "response-mean":
         key["max_new_tokens"] = max_new_tokens
+        if npti_protocol != "dpnle":  # absent for the default, so captures made before the option stay valid
+            key["npti_protocol"] = npti_protocol
+            key["generation"] = generation_settings(npti_protocol, max_new_tokens)
+    if tokenization != "dpnle":  # absent for the default, so captures made before the option stay valid
+        key["tokenization"] = tokenization
     key_digest = _key_digest(key)
     manifest: dict[str, Any] = {
         "kind": "activations",
@@ -1116,13 +1456,21 @@ def collect_concept(
             "digest": digest_of_pairs,
             "num_pairs": int(len(pairs)),
             "recipe": str(pairs["recipe"].iloc[0]) if "recipe" in pairs else None,
+            **pairs_info(pairs),  # template, pair_sampling, pair_seed, questions
         },
+        "tokenization": tokenization,
         "dtype": _model_dtype(model),
         "batch_size": batch_size,
         "shard_size": shard_size,
         "shard_order": "by prompt length, longest first; samples in sample order within a shard",
         "num_samples": int(len(samples)),
         "max_new_tokens": max_new_tokens if policy == "response-mean" else None,
+        "npti_protocol": npti_protocol if policy == "response-mean" else None,
+        "generation": generation_settings(npti_protocol, max_new_tokens) if policy == "response-mean" else None,
+        "token_counts": (
+            "NPTI's pooled counts per (pole, layer): token_count, pos_count (act > 0), hist (301 bins: "
+            "-inf, 0, 0.01, ..., 2.99, +inf; bucketize right=False minus 1) over the reduced tokens"
+        ) if count_tokens else None,
         "key": key,
         "key_digest": key_digest,
         "versions": runs_io.software_versions(),
@@ -1135,7 +1483,7 @@ def collect_concept(
         render_prompt(tokenizer, message, prefix)
         for message, prefix in zip(samples["message"], samples["response_prefix"], strict=True)
     ]
-    encoded = _encode(tokenizer, prompts)
+    encoded = _encode(tokenizer, prompts, tokenization=tokenization)
     shards = _shard_assignment(encoded, shard_size)
     lock = _WriterLock(directory)
 
@@ -1170,7 +1518,8 @@ def collect_concept(
             runs_io.write_json(manifest_path, manifest)
             if not (directory / PAIRS_FILE).exists():
                 runs_io.write_parquet(
-                    directory / PAIRS_FILE, pairs, metadata={"kind": "pairs", "digest": digest_of_pairs}
+                    directory / PAIRS_FILE, pairs,
+                    metadata={"kind": "pairs", "digest": digest_of_pairs, **pairs_info(pairs)},
                 )
             return todo, size
         except BaseException:
@@ -1211,8 +1560,9 @@ def collect_concept(
                         model=model, tokenizer=tokenizer, recorder=recorder, samples=samples, prompts=prompts,
                         encoded=encoded, layers=layer_list, width=width, batch_size=size,
                         max_new_tokens=max_new_tokens, pad_id=pad_id, device=device, directory=directory,
-                        key_digest=key_digest,
+                        key_digest=key_digest, tokenization=tokenization,
                     )
+                    ctx.npti_protocol, ctx.count_tokens = npti_protocol, count_tokens
                     # Compressing and writing a shard takes the CPU a while: a writer thread does it
                     # while the device captures the next shard. At most one write is pending, so host
                     # memory holds two shards at most; leaving the block waits for the last write.
@@ -1242,14 +1592,27 @@ def collect_concept(
             return CaptureSummary(concept, site, policy, captured, 0, seconds, directory, resumed_from)
         num_tokens = 0
         total = {(pole, layer): RunningMoments(width) for pole in POLES for layer in layer_list}
+        total_counts: dict[tuple[str, int], TokenCounts] | None = (
+            {(pole, layer): TokenCounts(width) for pole in POLES for layer in layer_list} if count_tokens else None
+        )
         # Shard order, always: the same partials merged in the same order give the same bits.
         for shard in range(len(shards)):
             num_tokens += int(runs_io.parquet_metadata(_shard_path(directory, shard)).get("num_tokens", 0))
             for cell, partial in _read_moments(_stats_shard_path(directory, shard), width).items():
                 total[cell].merge(partial)
+            # NPTI's pooled counts: summed over shards; absent if any shard lacks them (one captured
+            # before dpnle kept them), so that no statistic covers only part of the samples.
+            if count_tokens and total_counts is not None:
+                shard_counts = _read_token_counts(_stats_shard_path(directory, shard), width)
+                if shard_counts is None:
+                    total_counts = None
+                    manifest["token_counts"] = None
+                else:
+                    for cell, partial_counts in shard_counts.items():
+                        total_counts[cell].merge(partial_counts)
         runs_io.write_parquet(
             directory / STATS_FILE,
-            _moments_table(total, layer_list, width),
+            _moments_table(total, layer_list, width, total_counts),
             metadata={"kind": "stats", "concept": concept, "key_digest": key_digest, "num_shards": len(shards)},
         )
         manifest.update(status="done", finished=runs_io.now(), num_tokens=num_tokens, num_processes=workers.world)
@@ -1304,29 +1667,30 @@ def load_stats(run: runs_io.Run, concept: str, site: str = "mlp", policy: str = 
     layers = sorted({layer for _, layer in moments})
     if not layers or any((pole, layer) not in moments for pole in POLES for layer in layers):
         raise runs_io.ArtifactError(f"{path} lacks the high or low statistics of some layer. {fix}")
+    stats = stats_from_moments(moments, concept=concept, site=site, policy=policy, meta=manifest)
+    return dataclasses.replace(stats, **_token_count_fields(path, width, layers, fix))
 
-    def stack(pole: str, value: Any) -> np.ndarray:
-        return np.stack([value(moments[pole, layer]) for layer in layers])
 
-    pos_high = pos_low = None
-    if moments["high", layers[0]].positive_fraction_sum is not None:
-        pos_high = stack("high", lambda m: m.positive_fraction)
-        pos_low = stack("low", lambda m: m.positive_fraction)
-    return LayerStats(
-        concept=concept,
-        site=site,
-        policy=policy,
-        layers=layers,
-        n_high=np.array([moments["high", layer].n for layer in layers], dtype=np.int64),
-        n_low=np.array([moments["low", layer].n for layer in layers], dtype=np.int64),
-        mean_high=stack("high", lambda m: m.mean),
-        mean_low=stack("low", lambda m: m.mean),
-        var_high=stack("high", lambda m: m.variance(ddof=1)),
-        var_low=stack("low", lambda m: m.variance(ddof=1)),
-        pos_frac_high=pos_high,
-        pos_frac_low=pos_low,
-        meta=manifest,
-    )
+def _token_count_fields(path: Path, width: int, layers: Sequence[int], fix: str) -> dict[str, Any]:
+    """LayerStats' NPTI fields (pos_count_*, token_count_*, hist_*) from a statistics file; none
+    (the fields stay None) when it holds no pooled counts."""
+    try:
+        counts = _read_token_counts(path, width)
+    except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:
+        raise runs_io.ArtifactError(
+            f"{path} holds unreadable NPTI token counts ({type(exc).__name__}: {exc}). {fix}"
+        ) from None
+    if counts is None:
+        return {}
+    if any((pole, layer) not in counts for pole in POLES for layer in layers):
+        raise runs_io.ArtifactError(f"{path} lacks the NPTI token counts of some layer. {fix}")
+    fields: dict[str, Any] = {}
+    for pole in POLES:
+        cells = [counts[pole, layer] for layer in layers]
+        fields[f"pos_count_{pole}"] = np.stack([c.positive for c in cells])
+        fields[f"token_count_{pole}"] = np.array([c.tokens for c in cells], dtype=np.int64)
+        fields[f"hist_{pole}"] = np.stack([c.hist for c in cells])
+    return fields
 
 
 def load_activations(

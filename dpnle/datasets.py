@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dpnle.concepts import TRAITS, VALUES, get_concept
+from dpnle.errors import DpnleError
 from dpnle.paths import datasets_cache_dir
 
 MIRROR_ENV = "DPNLE_DATA_MIRROR"
@@ -41,7 +42,7 @@ _CHUNK_BYTES = 1 << 20
 # Errors
 
 
-class DatasetError(RuntimeError):
+class DatasetError(RuntimeError, DpnleError):
     """Base class for everything that can go wrong getting or reading a public dataset."""
 
 
@@ -81,9 +82,13 @@ class DatasetFile:
     licence: str
     citation: str
     use: str
-    # False only for files that are not in the offline mirror and whose upstream is not pinned
-    # to a commit: they can be downloaded, but nothing guarantees they are the bytes we used.
+    # False only for files that are not in the offline mirror (``--all`` skips them; a fetch
+    # downloads them from the pinned commit): their SHA-256 and size were never seen here.
     verifiable: bool = True
+    # The file's git blob id (SHA-1 of "blob <size>\0" + bytes) at ``commit``, for a file whose
+    # SHA-256 is unknown because its bytes were not available when it was pinned: a fetch checks
+    # it instead. The PersonalityBench search files (LFS-sized, absent from every snapshot at hand).
+    git_blob: str | None = None
 
     @property
     def source(self) -> str:
@@ -101,7 +106,17 @@ _ALHEIMSINS = _Repo("Alheimsins", "b5-johnson-120-ipip-neo-pi-r", "493546d48eb90
 _MPI = _Repo("jianggy", "MPI", "0f44b56223d4a4308fdf69276a69d7ae053478c5")
 _PALIGN = _Repo("zhu-minjun", "PAlign", "18e1e3404951acc864f30f323a0e47a0840b474a")
 _DPNLE = _Repo("Z1ivan", "DPN-LE", "3fb5e7273cae73aea3bef6c084178940726c2fb8")
-_NPTI = _Repo("RUCAIBox", "NPTI", "main")
+_NPTI = _Repo("RUCAIBox", "NPTI", "630d2a236e5c8d2484fbd5b71249aedd1fc44195")
+# NPTI/dataset/search/<Trait>.json at that commit: git blob ids read from the commit's tree (the
+# same blobs sit at data/personalitybench/search/ in DPN-LE @3fb5e72). The bytes themselves were
+# absent from the snapshots at hand, so no SHA-256 / size could be computed: fetch checks these.
+_PB_SEARCH_BLOBS: dict[str, str] = {
+    "agreeableness": "0a7774d7209fc1bc7ad9b5e676d10bb159ae6642",
+    "conscientiousness": "c9d8bd6191cff9e918244a1e520a4bd83531519a",
+    "extraversion": "f425b330ff81171037f988ceb2da6455ef0e79c1",
+    "neuroticism": "eac0228380b546e0b3b4da5bd85b231716612e8b",
+    "openness": "a53f3b04ef4337243cea226d9820ad20bfa8961b",
+}
 _ANTHROPIC_EVALS = _Repo("anthropics", "evals", "84fcc677e52e1902d696c32cd1a6b663e70d3993")
 _TOUCHE = _Repo("ShahrzadAzari", "Human_Value_Detection", "209dfa3edbb4d835f02dab5584911f8d47f5d020")
 _VALUEBENCH = _Repo("Value4AI", "ValueBench", "188773443c1f2f24ff3223e46216bd74ed91ae51")
@@ -182,8 +197,10 @@ def _pinned(
     citation: str,
     use: str,
     verifiable: bool = True,
+    git_blob: str | None = None,
 ) -> DatasetFile:
     return DatasetFile(
+        git_blob=git_blob,
         name=name,
         owner=repo.owner,
         repo=repo.repo,
@@ -278,6 +295,29 @@ _ANTHROPIC_PERSONA_FILES: dict[str, tuple[str, int]] = {
     "agreeableness": ("8caa0fa07946370fb4ec38dd82eda7d3a86591c1dc701d2e645ae33c3239f5ce", 307954),
     "neuroticism": ("b2b0f426449517ed9a2d1d2b635bbc13efc0815ff2cfa361b7fbc1044d284d6a", 295734),
 }
+
+# NPTI's published neuron lists for Llama-3-8B-Instruct (RUCAIBox/NPTI @630d2a2,
+# NPTI/neuron_results/<Trait>[_reversed]_dict.json): trait -> ((sha256, bytes) of the HIGH list,
+# (sha256, bytes) of the _reversed (LOW) list). Openness's two files are absent from the offline
+# mirror, so their bytes could not be pinned: dpnle import-npti takes them from --dir.
+_NPTI_LIST_FILES: dict[str, tuple[tuple[str, int], tuple[str, int]]] = {
+    "agreeableness": (("69908f6ad7dff6ddfaea2eb772f0e78ec3c66e111f53f73bf9740b5a400e629b", 3174486),
+                      ("2b503a57d85c852786383425189eca54ba0fba7c42a6be21a143024bfa455bf3", 3182535)),
+    "conscientiousness": (("c950ed3fe97c34c846606824ee80a5e879ca55e4af23c0c2db8612d6beba1293", 1554487),
+                          ("fa18348863a242f00bdbb05c1f4c46fbfaa76f31beabc0bfe0b03f28e3144311", 2565283)),
+    "extraversion": (("ab974b14bb33665c7b5b22ddd5ee2a9f6c64a1c3c04da220bd2b2750ac7faae6", 4143930),
+                     ("3eaee39415448bdf52d3ab0bd321956c7f06846883b3d77bb2af6ec7a27b6c2f", 3704463)),
+    "neuroticism": (("9748d6e9646130ca2b6d876670eeed6f255c55720998dbde508c2a0b04490c9c", 2900859),
+                    ("15819c979102ae6c3a7b76615c45d7a92d610c06fcd3177011cc914710be3d8f", 2464203)),
+}
+
+
+def npti_list_names(trait: str) -> tuple[str, str] | None:
+    """Registry names of NPTI's published (HIGH, reversed) neuron lists for ``trait``; None when
+    dpnle has no pinned copy (Openness)."""
+    trait = trait.strip().lower()
+    return (f"npti-neurons-{trait}", f"npti-neurons-{trait}-reversed") if trait in _NPTI_LIST_FILES else None
+
 
 TOUCHE_SPLITS: tuple[str, ...] = ("training", "validation", "test")
 
@@ -384,9 +424,21 @@ def _build_registry() -> dict[str, DatasetFile]:
                 f"pb-search-{trait}", _NPTI, f"NPTI/dataset/search/{trait.capitalize()}.json",
                 None, None, "no licence file (NPTI): cite NPTI", _CITE_NPTI,
                 f"PersonalityBench search questions ({trait}), the pool DPN-LE draws its pairs from",
-                verifiable=False,
+                verifiable=False, git_blob=_PB_SEARCH_BLOBS[trait],
             )
         )
+    for trait, files in _NPTI_LIST_FILES.items():
+        for suffix, (sha, nbytes) in zip(("", "_reversed"), files, strict=True):
+            high = not suffix
+            entries.append(
+                _pinned(
+                    f"npti-neurons-{trait}{'' if high else '-reversed'}", _NPTI,
+                    f"NPTI/neuron_results/{trait.capitalize()}{suffix}_dict.json", sha, nbytes,
+                    "no licence file (NPTI): cite NPTI", _CITE_NPTI,
+                    f"NPTI's published {'HIGH' if high else 'LOW (reversed)'} neuron list for Llama-3-8B-Instruct "
+                    f"({trait}; dpnle import-npti)",
+                )
+            )
     for trait in TRAITS:
         sha, nbytes = _ANTHROPIC_PERSONA_FILES[trait]
         entries.append(
@@ -537,24 +589,38 @@ def _cached_sha256(file: Path) -> str:
     return sha
 
 
+def _git_blob_of(file: Path) -> str:
+    """The file's git blob id: SHA-1 of ``blob <size>\\0`` followed by its bytes."""
+    digest = hashlib.sha1(f"blob {file.stat().st_size}\0".encode())  # noqa: S324 (git's id, not security)
+    with file.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _is_cached(entry: DatasetFile, target: Path) -> bool:
     if not target.is_file():
         return False
     if entry.sha256 is None:
-        return True
+        return entry.git_blob is None or _git_blob_of(target) == entry.git_blob
     return _cached_sha256(target) == entry.sha256
 
 
 def is_pinned(name: str) -> bool:
-    """True when the file has a pinned SHA-256, so that fetching it verifies its bytes."""
-    return get_entry(name).sha256 is not None
+    """True when the file has a pinned SHA-256 (or, for a file whose bytes were not at hand when
+    it was pinned, its git blob id at the pinned commit), so that fetching it verifies its bytes."""
+    entry = get_entry(name)
+    return entry.sha256 is not None or entry.git_blob is not None
 
 
 def fetch_summary(names: Sequence[str]) -> str:
     """The closing line of ``dpnle data fetch``: which files were verified against a pinned
     SHA-256, and which could not be (no pinned digest)."""
     unpinned = [name for name in names if not is_pinned(name)]
-    line = f"{len(names) - len(unpinned)} file(s) verified against a pinned SHA-256."
+    by_blob = [name for name in names if get_entry(name).sha256 is None and is_pinned(name)]
+    line = f"{len(names) - len(unpinned) - len(by_blob)} file(s) verified against a pinned SHA-256."
+    if by_blob:
+        line += f" {len(by_blob)} verified against the pinned commit's git blob id: {', '.join(by_blob)}."
     if unpinned:
         line += (
             f" {len(unpinned)} not verified (no pinned digest): {', '.join(unpinned)}; results built on "
@@ -576,7 +642,10 @@ def fetch(name: str, force: bool = False) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     mirror = os.environ.get(MIRROR_ENV)
-    if not entry.verifiable:
+    if not entry.verifiable and is_pinned(entry.name):
+        # Not in the offline mirror: downloaded from its pinned commit, checked by its git blob id.
+        _write_verified(entry, target, _download_chunks(entry))
+    elif not entry.verifiable:
         warnings.warn(
             f"{entry.name} is not pinned to a commit or hash (it is not in the offline mirror); "
             f"downloading the current {url(entry)}. Results built on it may not reproduce exactly.",
@@ -658,6 +727,12 @@ def _write_verified(entry: DatasetFile, target: Path, chunks: Iterable[bytes]) -
                 digest.update(chunk)
                 handle.write(chunk)
         actual = digest.hexdigest()
+        if entry.sha256 is None and entry.git_blob is not None and _git_blob_of(temp) != entry.git_blob:
+            raise DatasetHashError(
+                f"{entry.name} ({entry.source}/{entry.path}) is not the file of the pinned commit: its git blob "
+                f"id is {_git_blob_of(temp)}, not {entry.git_blob}. The file was discarded. Retry, or copy it "
+                f"from a clone of {entry.owner}/{entry.repo} at {entry.commit[:7]}."
+            )
         if entry.sha256 is not None and actual != entry.sha256:
             raise DatasetHashError(
                 f"{entry.name} ({entry.source}/{entry.path}) has the wrong SHA-256: expected "
@@ -700,6 +775,8 @@ def verify(name: str) -> VerifyResult:
         return VerifyResult(entry.name, target, present=False, hash_ok=None, actual_sha256=None)
     actual = _sha256_of(target)
     hash_ok = None if entry.sha256 is None else actual == entry.sha256
+    if entry.sha256 is None and entry.git_blob is not None:
+        hash_ok = _git_blob_of(target) == entry.git_blob
     return VerifyResult(entry.name, target, present=True, hash_ok=hash_ok, actual_sha256=actual)
 
 
@@ -904,11 +981,14 @@ class PersonaDescription:
     text: str
 
 
-def load_pb_descriptions(trait: str) -> list[PersonaDescription]:
+def load_pb_descriptions(trait: str, strip: bool = True) -> list[PersonaDescription]:
     """PersonalityBench persona descriptions of one trait: 80 high-pole, then 80 low-pole.
 
     Each line of the file holds one description per trait; ``<Trait>_reversed`` is the low pole.
-    High and low descriptions on the same line share an index.
+    High and low descriptions on the same line share an index. Each pole keeps the order of the
+    file's lines, the order the reference's ``load_descriptions`` reads them in (its random
+    draws index into that order). ``strip=False`` keeps each text as the file has it, as the
+    reference does (the pinned file has no surrounding whitespace, so both give the same text).
     """
     trait = _trait_name(trait)
     records = _read_json_lines(path("pb-descriptions"), "pb-descriptions")
@@ -925,7 +1005,7 @@ def load_pb_descriptions(trait: str) -> list[PersonaDescription]:
                         trait=trait,
                         pole=pole,
                         index=index,
-                        text=text.strip(),
+                        text=text.strip() if strip else text,
                     )
                 )
     _expect(
@@ -963,11 +1043,16 @@ class SearchQuestion:
     key: int | None = None  # +1 / -1 from NPTI's "sign"
 
 
-def load_pb_search(trait: str, path: str | os.PathLike[str] | None = None) -> list[SearchQuestion]:
-    """PersonalityBench's search questions (NPTI), the pool DPN-LE draws its contrastive prompts from.
+def load_pb_search(
+    trait: str, path: str | os.PathLike[str] | None = None, strip: bool = True
+) -> list[SearchQuestion]:
+    """PersonalityBench's search questions (NPTI), the pool DPN-LE draws its contrastive prompts from,
+    in file order.
 
     ``path`` may name a local JSON-lines file with a ``question`` field per line (for example, a copy
-    made on a machine with internet); otherwise the unpinned upstream file is downloaded.
+    made on a machine with internet); otherwise the file pinned at NPTI's commit is downloaded (it
+    is not in the offline mirror). ``strip=False`` keeps each question as the file has it, as the
+    reference does.
     """
     trait = _trait_name(trait)
     name = f"pb-search-{trait}"
@@ -987,7 +1072,7 @@ def load_pb_search(trait: str, path: str | os.PathLike[str] | None = None) -> li
         questions.append(
             SearchQuestion(
                 id=f"{name}-{n}",
-                text=record["question"].strip(),
+                text=record["question"].strip() if strip else record["question"],
                 trait=trait,
                 facet=record.get("tag"),
                 item=record.get("facet"),

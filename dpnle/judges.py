@@ -57,6 +57,7 @@ import torch
 
 from dpnle.capability import EditLike, generate_texts
 from dpnle.concepts import get_concept
+from dpnle.errors import DpnleError
 from dpnle.pairs import DPNLE_TEMPLATE, render_prompt
 from dpnle.paths import cache_dir
 
@@ -163,7 +164,7 @@ PB_TEST_TEMPLATE = (
 )
 
 
-class JudgeError(RuntimeError):
+class JudgeError(RuntimeError, DpnleError):
     pass
 
 
@@ -721,14 +722,16 @@ def generate_answers(
     max_new_tokens: int = PB_MAX_NEW_TOKENS,
     repetition_penalty: float = PB_REPETITION_PENALTY,
     batch_size: int = PB_BATCH_SIZE,
+    engine: Any = None,
 ) -> list[str]:
     """Greedy answers to PersonalityBench test questions (``Question`` objects or strings), in the
-    model's chat template, under ``edit`` if given."""
+    model's chat template, under ``edit`` if given (generated on ``engine`` when given, a
+    :class:`dpnle.engines.VLLMEngine`)."""
     texts = [q if isinstance(q, str) else q.text for q in questions]
     prompts = [render_prompt(tokenizer, pb_message(t, persona)) for t in texts]
     return generate_texts(
         model, tokenizer, prompts, edit=edit, max_new_tokens=max_new_tokens,
-        repetition_penalty=repetition_penalty, batch_size=batch_size,
+        repetition_penalty=repetition_penalty, batch_size=batch_size, engine=engine,
     )
 
 

@@ -380,6 +380,120 @@ def _top_k(score: np.ndarray, k: int, per_layer: bool) -> np.ndarray:
     return mask
 
 
+NPTI_SELECTIONS = ("reference", "per-layer")
+DEFAULT_NPTI_SELECTION = "reference"
+NPTI_MAX_LINES = 300_000  # process_neuron.py reads at most this many lines of a sorted list
+NPTI_REFERENCE_RULE = (
+    "NPTI process_neuron.py: firing rate p = tokens with act > 0 / tokens, pooled over all tokens of a pole "
+    "(float32, as the reference divides); HIGH list = p_high - p_low, LOW list = p_low - p_high, each sorted "
+    "descending over all chosen layers together (ties: lower layer, then lower neuron); keep the first top_k, "
+    "then continue while delta >= min_delta_p, stopping at the first below (at most 300,000 rows read); "
+    "v95 = lower edge of the first histogram bin of the neuron's pole whose cumulative count >= 0.95 x total"
+)
+
+
+def _collect_hint(stats: LayerStats) -> str:
+    flag = cli_flag(stats.concept)
+    return (
+        f"dpnle collect-activations {flag} --site gate --policy response-mean --npti-protocol reference "
+        "--overwrite"
+    )
+
+
+def _npti_reference_keep(delta: np.ndarray, top_k: int, min_delta: float, max_lines: int = NPTI_MAX_LINES) -> int:
+    """How many rows of the descending ``delta`` NPTI's ``read_and_convert_to_dict`` keeps: the
+    first ``top_k`` whatever their value, then rows while ``delta >= min_delta``."""
+    n = min(int(delta.shape[0]), int(max_lines))
+    keep = min(int(top_k), n)
+    below = np.flatnonzero(~(np.asarray(delta[keep:n], dtype=np.float64) >= float(min_delta)))
+    return n if below.size == 0 else keep + int(below[0])
+
+
+def _select_npti_reference(
+    stats: LayerStats, layers: list[int], rows: np.ndarray, top_k: int, min_delta_p: float
+) -> pd.DataFrame:
+    """:func:`select_npti` with ``selection="reference"`` (see :data:`NPTI_REFERENCE_RULE`)."""
+    from dpnle.stats import npti_quantile
+
+    missing = [name for name in ("pos_count_high", "pos_count_low", "token_count_high", "token_count_low",
+                                 "hist_high", "hist_low") if getattr(stats, name) is None]
+    if missing:
+        raise ArtifactError(
+            f"The {stats.site}-{stats.policy} capture of {stats.concept!r} has no pooled token counts or "
+            f"histograms ({', '.join(missing)} missing): it was made before dpnle kept them, or at another site "
+            f"or policy. NPTI's reference selection needs them: re-capture with `{_collect_hint(stats)}`, or "
+            "localize with --npti-selection per-layer (per-sample firing fractions, per-sample v95)."
+        )
+    tokens = {
+        "high": np.asarray(stats.token_count_high, dtype=np.int64)[rows],
+        "low": np.asarray(stats.token_count_low, dtype=np.int64)[rows],
+    }
+    for pole, count in tokens.items():
+        if (count <= 0).any():
+            empty = [layers[i] for i in np.flatnonzero(count <= 0)]
+            raise ArtifactError(
+                f"The {pole} pole of the {stats.site}-{stats.policy} capture of {stats.concept!r} counted no token "
+                f"at layer(s) {empty} (every response one token long?), so NPTI's firing rate is 0/0 there. "
+                f"Re-capture with longer responses (`{_collect_hint(stats)}`)."
+            )
+    # float32, as the reference divides its int32 over_zero by token_num.
+    p32 = {
+        pole: np.asarray(getattr(stats, f"pos_count_{pole}"))[rows].astype(np.float32)
+        / tokens[pole].astype(np.float32)[:, None]
+        for pole in ("high", "low")
+    }
+    n_layers, width = p32["high"].shape
+    flat_index = np.arange(n_layers * width)
+    lists: dict[str, np.ndarray] = {}
+    for pole, other in (("high", "low"), ("low", "high")):
+        diff = (p32[pole] - p32[other]).ravel()  # float32
+        order = np.lexsort((flat_index, -diff))  # descending; ties: lower layer, then lower neuron
+        keep = _npti_reference_keep(diff[order], top_k, min_delta_p)
+        lists[pole] = order[:keep]
+    both = np.intersect1d(lists["high"], lists["low"])
+    if both.size:
+        first = [(layers[i // width], int(i % width)) for i in both[:5]]
+        raise ArtifactError(
+            f"NPTI's reference selection put {both.size} neuron(s) of {stats.concept!r} in both the HIGH and the "
+            f"LOW list (first (layer, neuron): {first}): each list keeps its first {top_k} rows whatever their "
+            f"delta, and fewer than {top_k} neurons have a positive delta on one side, so zero-delta neurons fill "
+            "both. The reference would edit them both ways; dpnle refuses. Capture more pairs or layers, or pass a "
+            "smaller top_k / --npti-selection per-layer."
+        )
+    pole = np.full(n_layers * width, None, dtype=object)
+    v95 = np.full(n_layers * width, np.nan)
+    for name, picked in lists.items():
+        pole[picked] = name
+        hist = np.asarray(getattr(stats, f"hist_{name}"))[rows[picked // width], picked % width]  # [picked, 301]
+        v95[picked] = npti_quantile(hist)
+    bad = np.flatnonzero(np.isneginf(v95))
+    if bad.size:
+        first = [(layers[i // width], int(i % width), pole[i]) for i in bad[:5]]
+        raise ArtifactError(
+            f"NPTI's reference selection of {stats.concept!r} picked {bad.size} neuron(s) whose v95 is -inf (first "
+            f"(layer, neuron, pole): {first}): 95% or more of their pole's tokens are <= 0, so the histogram's "
+            "first bin (-inf, 0] holds the 95th percentile and its lower edge is -inf; the edit a += gamma * v95 * "
+            "... would be -inf. They come from the first top_k rows, kept whatever their delta: capture more pairs, "
+            "or pass a smaller top_k / --npti-selection per-layer."
+        )
+    selected = np.zeros(n_layers * width, dtype=bool)
+    selected[lists["high"]] = True
+    selected[lists["low"]] = True
+    p_high, p_low = p32["high"].astype(np.float64), p32["low"].astype(np.float64)
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(np.asarray(layers, dtype=np.int16), width),
+            "neuron": np.tile(np.arange(width, dtype=np.int32), n_layers),
+            "p_high": p_high.ravel(),
+            "p_low": p_low.ravel(),
+            "delta_p": (p32["high"] - p32["low"]).astype(np.float64).ravel(),
+            "pole": pd.array(pole, dtype="string"),
+            "v95": v95,
+            "selected": selected,
+        }
+    )
+
+
 def select_npti(
     stats_gate_response: LayerStats,
     activations: tuple[pd.DataFrame, Mapping[int, np.ndarray]] | None = None,
@@ -387,8 +501,21 @@ def select_npti(
     min_delta_p: float = 0.1,
     per_layer: bool = True,
     layers: Sequence[int] | None = None,
+    selection: str = "per-layer",
 ) -> pd.DataFrame:
     """NPTI selection: ``delta_p = P(act > 0 | high) - P(act > 0 | low)`` at the gate site.
+
+    ``selection="reference"``: NPTI's own rule (RUCAIBox/NPTI ``process_neuron.py``;
+    :data:`NPTI_REFERENCE_RULE`), from the capture's pooled token counts and histograms
+    (``stats.pos_count_*``, ``token_count_*``, ``hist_*``; a capture without them is an
+    :class:`ArtifactError` naming the re-capture command): one list per direction over all
+    ``layers`` together, the first ``top_k`` rows kept unconditionally, then rows while delta >=
+    ``min_delta_p``. ``per_layer`` and ``activations`` are not used. A neuron in both lists, or a
+    selected neuron with v95 = -inf, is an error. ``p_high`` / ``p_low`` / ``delta_p`` are then the
+    pooled float32 rates (as float64 numbers), and v95 the lower edge of the histogram bin that
+    holds the 95th percentile of the neuron's own pole (:func:`dpnle.stats.npti_quantile`).
+
+    ``selection="per-layer"`` (this function's default, dpnle's earlier rule), described next:
 
     HIGH: the ``top_k`` largest delta_p, LOW: the ``top_k`` largest -delta_p, each then kept
     only where ``|delta_p| >= min_delta_p``. ``per_layer=True`` (default) takes the top k in
@@ -403,6 +530,11 @@ def select_npti(
     read once). Without it, v95 is NaN.
     """
     stats = stats_gate_response
+    if selection not in NPTI_SELECTIONS:
+        raise InputError(f"Unknown NPTI selection {selection!r}; choose one of {', '.join(NPTI_SELECTIONS)}.")
+    if selection == "reference":
+        chosen = list(stats.layers) if layers is None else [int(x) for x in layers]
+        return _select_npti_reference(stats, chosen, _layer_rows(stats, chosen), top_k, min_delta_p)
     if stats.pos_frac_high is None or stats.pos_frac_low is None:
         raise ArtifactError(
             f"The {stats.site}-{stats.policy} capture of {stats.concept!r} has no P(act > 0) "
@@ -685,13 +817,16 @@ def localize_concept(
     top_k_per_layer: bool = True,
     auto_threshold: float = 0.9,
     seed: int = 0,
+    npti_selection: str = DEFAULT_NPTI_SELECTION,
 ) -> LocalizeResult:
     """Localize ``concept`` in ``run`` with ``method`` and write ``neurons/<concept>[.method].parquet``.
 
     ``quantile``, ``d_threshold`` and ``layers`` default to configs/models.yaml for the run's
     model; ``layers="auto"`` starts at :func:`auto_start_layer` and runs to the last layer.
     NPTI uses every captured layer unless ``layers`` is given; CAA picks ``layer`` or the most
-    separable one.
+    separable one. ``npti_selection``: ``reference`` (default; NPTI's own rule over all chosen
+    layers together, from pooled counts and histograms) or ``per-layer`` (dpnle's earlier rule:
+    top ``top_k`` per layer, per-sample firing fractions and v95); see :func:`select_npti`.
     """
     from dpnle import collect
 
@@ -736,7 +871,11 @@ def localize_concept(
         total_share = total / (int(num_layers) * width)
     elif method == "npti":
         chosen_layers = list(stats.layers) if layers is None else _parse_layers(layers, int(num_layers))
-        activations, note = _npti_activations(run, stats, chosen_layers)
+        if npti_selection not in NPTI_SELECTIONS:
+            raise InputError(f"Unknown --npti-selection {npti_selection!r}; choose one of "
+                             f"{', '.join(NPTI_SELECTIONS)}.")
+        reference = npti_selection == "reference"
+        activations, note = (None, None) if reference else _npti_activations(run, stats, chosen_layers)
         frame = select_npti(
             stats,
             activations,
@@ -744,14 +883,25 @@ def localize_concept(
             min_delta_p=min_delta_p,
             per_layer=top_k_per_layer,
             layers=chosen_layers,
+            selection=npti_selection,
         )
+        meta = stats.meta or {}
         params.update(
+            npti_selection=npti_selection,
             top_k=top_k,
-            top_k_scope="per layer" if top_k_per_layer else "all layers",
+            top_k_scope="all chosen layers together (NPTI reference)" if reference
+            else ("per layer" if top_k_per_layer else "all layers"),
             min_delta_p=min_delta_p,
             layers=_ranges(chosen_layers),
-            v95="95th percentile of per-sample activations of the neuron's pole" if note is None else note,
+            firing_rate="pooled over tokens (float32)" if reference else "mean over samples of per-sample fractions",
+            v95="lower edge of the 95% bin of the pole's 301-bin histogram (NPTI calculate_quantiles)" if reference
+            else ("95th percentile of per-sample activations of the neuron's pole" if note is None else note),
+            npti_protocol=meta.get("npti_protocol") or "dpnle",
+            capture_generation=meta.get("generation"),
         )
+        if reference:
+            params.update(rule=NPTI_REFERENCE_RULE, tie_order="lower layer, then lower neuron",
+                          max_rows_read=NPTI_MAX_LINES)
         summary = _dpnle_summary(frame, width)
         total = int(frame["selected"].sum())
         total_share = total / (int(num_layers) * width)
@@ -773,6 +923,8 @@ def localize_concept(
         "parameters": params,
         "model": capture_model or run_model,
         "pairs_digest": _pairs_digest(stats),
+        # How the capture's inputs were made: pair recipe, template, sampling and seed, tokenization.
+        "inputs": {**((stats.meta or {}).get("pairs") or {}), "tokenization": (stats.meta or {}).get("tokenization")},
         "source": str(stats_file),
         "total_selected": total,
         "total_share": None if math.isnan(total_share) else total_share,
@@ -847,7 +999,8 @@ def _check_selection_provenance(
             f"and run `{command}`, or edit in the run that made it."
         )
     site, policy = METHOD_CAPTURE.get(method, (None, None))
-    if site is None:
+    # Imported lists (dpnle import-npti: NPTI's published neurons) come from no pairs of this run.
+    if site is None or (method == "npti" and meta.get("imported") is True):
         return
     if not meta.get("pairs_digest"):
         raise ArtifactError(

@@ -16,14 +16,40 @@ Recipes:
   (``data/value_personas.json``), crossed with the same question pool.
 
 The question pool is dpnle's own (``data/questions.jsonl``); PersonalityBench's original
-search questions can be passed as a file for a paper-exact run. PersonalityBench's *test*
-questions are evaluation data and never enter a pair.
+search questions can be passed as a file. PersonalityBench's *test* questions are evaluation
+data and never enter a pair.
+
+Prompt template: :data:`DPNLE_TEMPLATE` is the reference's ``PERSONALITY_PROMPT_TEMPLATE``
+(``src/dpn_le/utils.py`` of github.com/Z1ivan/DPN-LE @3fb5e72): instruction, persona
+description, question and ``###Response:`` separated by blank lines. It is the default of the
+personalitybench and values recipes (template id :data:`TEMPLATE_ID`). Pair sets made before
+it used :data:`LEGACY_TEMPLATE` (single newlines, id ``single-newline``); their messages, hence
+their digest, differ, so a capture made from them is refused as made from another pair set.
+
+Pair sampling (``pair_sampling``):
+
+- ``dpnle`` (default): dpnle's own draw (numpy, seeded per concept by ``seed``): the question
+  pool cycled in fresh permutations, personas drawn uniformly, no pair repeated.
+- ``reference``: the reference's ``build_contrastive_samples``
+  (``src/dpn_le/personalitybench.py``), personalitybench recipe only: the trait's first N
+  PersonalityBench *search* questions (``NPTI/dataset/search/<Trait>.json``; registry entries
+  ``pb-search-<trait>``, not in the offline mirror) in file order, and one
+  ``random.Random(pair_seed)`` (42 by default) drawing ``choice`` over the trait's 80 high
+  descriptions once per question for all questions, then ``choice`` over the 80 low ones once
+  per question; pair k is question k with the k-th high and the k-th low draw. Descriptions are
+  in the order of ``description.json``'s lines, question text is used as the file has it
+  (unstripped), and pairs may repeat, as in the reference.
+
+A pair set records how it was made in ``frame.attrs["pairs_info"]`` (template, sampling,
+seed, question source), which :func:`write_pairs` writes into the pair file's metadata and the
+capture copies into its manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +58,38 @@ import numpy as np
 import pandas as pd
 
 from dpnle.concepts import Concept, get_concept
+from dpnle.errors import DpnleError
 from dpnle.paths import project_data_dir
 
 DPNLE_TEMPLATE = (
     "You will find a personality description followed by a question below. I want you to fully "
-    "immerse yourself in the persona described.\n###Personality description: {description}\n"
-    "###Question: {question}\n###Response:"
+    "immerse yourself in the persona described.\n\n###Personality description: {description}\n\n"
+    "###Question: {question}\n\n###Response:"
 )
+TEMPLATE_ID = "dpn-le-blank-lines"
+# The template of pair sets made before TEMPLATE_ID was recorded (kept to name it in messages).
+LEGACY_TEMPLATE = DPNLE_TEMPLATE.replace("\n\n", "\n")
+LEGACY_TEMPLATE_ID = "single-newline"
 PERSONA_STATEMENT_TEMPLATE = 'Is the following statement something you would say?\n"{statement}"'
+# NPTI's search prompt (``TEMPLATE`` of NPTI/code/search_neuron.py, RUCAIBox/NPTI @630d2a2), used
+# by ``collect-activations --npti-protocol reference``: a leading newline, no space after the
+# colons, blank lines between sections and a trailing newline, exactly as the reference has it.
+NPTI_TEMPLATE = (
+    "\nYou will find a personality description followed by a question below. I want you to forget who you "
+    "are and fully immerse yourself in the persona described, adopting not only their perspective but also "
+    "their tone and attitude. With this new identity in mind, please respond to the question.\n"
+    "Don't overthink your response\u2014just begin writing and let your thoughts flow naturally. Spelling "
+    "and grammar are not important here; what's essential is capturing the essence of this personality in "
+    "your answer. Try to keep your response under 300 words.\n"
+    "###Personality description:{personality}\n\n###Question:{question}\n\n###Response:\n"
+)
 
 RECIPES = ("personalitybench", "anthropic-persona", "values")
 DEFAULT_NUM_PAIRS = 1000
 DEFAULT_SEED = 0
+PAIR_SAMPLINGS = ("dpnle", "reference")
+DEFAULT_PAIR_SAMPLING = "dpnle"
+REFERENCE_PAIR_SEED = 42  # build_steering_data.py's --seed default
 
 PAIR_COLUMNS = [
     "pair_id",
@@ -60,7 +106,7 @@ PAIR_COLUMNS = [
 ]
 
 
-class PairsError(ValueError):
+class PairsError(ValueError, DpnleError):
     pass
 
 
@@ -121,10 +167,20 @@ def make_pairs(
     num_pairs: int = DEFAULT_NUM_PAIRS,
     seed: int = DEFAULT_SEED,
     questions_path: str | Path | None = None,
+    pair_sampling: str = DEFAULT_PAIR_SAMPLING,
+    pair_seed: int | None = None,
 ) -> pd.DataFrame:
-    """Build ``num_pairs`` question-matched contrastive pairs for ``concept`` (deterministic in ``seed``)."""
+    """Build ``num_pairs`` question-matched contrastive pairs for ``concept`` (deterministic in
+    ``seed`` for dpnle's sampling, in ``pair_seed`` for the reference's; see the module docstring).
+
+    ``pair_sampling="reference"`` reproduces the reference's pairs (personalitybench recipe only);
+    ``questions_path`` may then name the trait's search file, or a folder holding
+    ``<Trait>.json`` (or ``search/<Trait>.json``), instead of the ``pb-search-<trait>`` download.
+    ``pair_seed`` (default 42) is the reference's seed; dpnle's sampling takes ``seed`` instead.
+    """
     concept = concept if isinstance(concept, Concept) else get_concept(concept)
     recipe = recipe or default_recipe(concept)
+    check_pair_sampling(pair_sampling, pair_seed)
     if recipe not in RECIPES:
         raise PairsError(f"Unknown pair recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
     if num_pairs < 1:
@@ -133,6 +189,15 @@ def make_pairs(
         raise PairsError(f"Recipe {recipe!r} covers the Big Five traits only; for {concept.name!r} use 'values'.")
     if recipe == "values" and concept.kind != "value":
         raise PairsError(f"Recipe 'values' covers Schwartz values only; for {concept.name!r} use 'personalitybench'.")
+    if pair_sampling == "reference":
+        if recipe != "personalitybench":
+            raise PairsError(
+                f"--pair-sampling reference reproduces the reference's personalitybench pairs (Big Five traits); "
+                f"recipe {recipe!r} has no reference sampling: drop --pair-sampling or use --recipe personalitybench."
+            )
+        seed_used = REFERENCE_PAIR_SEED if pair_seed is None else int(pair_seed)
+        frame, source = _reference_pairs(concept, num_pairs, seed_used, questions_path)
+        return _with_info(frame, recipe, "reference", seed_used, source)
     rng = _concept_rng(concept.name, recipe, seed)
 
     if recipe == "anthropic-persona":
@@ -175,11 +240,131 @@ def make_pairs(
                     "low_response_prefix": "",
                 }
             )
+    source = None
+    if recipe != "anthropic-persona":
+        source = str(questions_path) if questions_path else "dpnle:data/questions.jsonl"
+    return _with_info(_pair_frame(rows, concept.name, recipe), recipe, "dpnle", seed, source)
+
+
+def _pair_frame(rows: list[dict], concept: str, recipe: str) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame.insert(0, "pair_id", np.arange(len(frame), dtype=np.int64))
-    frame.insert(1, "concept", concept.name)
+    frame.insert(1, "concept", concept)
     frame.insert(2, "recipe", recipe)
     return frame[PAIR_COLUMNS]
+
+
+def _with_info(frame: pd.DataFrame, recipe: str, sampling: str, seed: int, questions: str | None) -> pd.DataFrame:
+    frame = frame.copy()
+    frame.attrs["pairs_info"] = {
+        "template": None if recipe == "anthropic-persona" else TEMPLATE_ID,
+        "pair_sampling": sampling,
+        "pair_seed": int(seed),
+        "questions": questions,
+    }
+    return frame
+
+
+def pairs_info(pairs: pd.DataFrame) -> dict:
+    """How ``pairs`` were made (template, sampling, seed, question source): what
+    :func:`make_pairs` recorded, or, for a frame that lost it, what the data can still tell."""
+    info = dict(pairs.attrs.get("pairs_info") or {})
+    if not info:
+        info = {"template": None, "pair_sampling": None, "pair_seed": None, "questions": None}
+        messages = pairs["high_message"].astype(str) if "high_message" in pairs else pd.Series([], dtype=str)
+        if len(messages):
+            first = messages.iloc[0]
+            if first.startswith(DPNLE_TEMPLATE.split("{description}")[0]):
+                info["template"] = TEMPLATE_ID
+            elif first.startswith(LEGACY_TEMPLATE.split("{description}")[0]):
+                info["template"] = LEGACY_TEMPLATE_ID
+    return info
+
+
+def check_pair_sampling(pair_sampling: str, pair_seed: int | None = None) -> None:
+    if pair_sampling not in PAIR_SAMPLINGS:
+        raise PairsError(
+            f"Unknown pair sampling {pair_sampling!r}; choose one of {', '.join(PAIR_SAMPLINGS)} "
+            "(e.g. --pair-sampling reference)."
+        )
+    if pair_seed is not None and pair_sampling != "reference":
+        raise PairsError(
+            "--pair-seed is the seed of --pair-sampling reference; dpnle's own sampling takes --seed."
+        )
+
+
+def _search_file(concept: Concept, questions_path: str | Path | None) -> tuple[Path, str]:
+    """The trait's PersonalityBench search file and how to name it in a record: ``questions_path``
+    (a file, or a folder holding ``<Trait>.json`` or ``search/<Trait>.json``), else the cached
+    ``pb-search-<trait>`` entry."""
+    from dpnle import datasets
+
+    name = f"{concept.name.capitalize()}.json"
+    if questions_path is not None:
+        given = Path(questions_path).expanduser()
+        if given.is_dir():
+            for candidate in (given / name, given / "search" / name):
+                if candidate.is_file():
+                    return candidate, str(candidate)
+            raise PairsError(f"{given} holds no {name} (nor search/{name}): pass the folder of PersonalityBench's "
+                             "search files, or the trait's file itself.")
+        if not given.is_file():
+            raise PairsError(f"Search-question file {given} does not exist.")
+        return given, str(given)
+    try:
+        path = datasets.fetch(f"pb-search-{concept.name}")
+        entry = datasets.get_entry(f"pb-search-{concept.name}")
+        return path, f"{entry.name} ({entry.source}:{entry.path})"
+    except datasets.DatasetError as exc:
+        entries = [datasets.get_entry(n) for n in datasets.GROUPS["pb-search"]]
+        files = ", ".join(e.path.rsplit("/", 1)[-1] for e in entries)
+        entry = datasets.get_entry(f"pb-search-{concept.name}")
+        reason = " ".join(str(exc).split())
+        if len(reason) > 160:
+            reason = reason[:157] + "..."
+        raise PairsError(
+            f"--pair-sampling reference needs PersonalityBench's search questions ({entry.owner}/{entry.repo}"
+            f"@{entry.commit[:7]} {entry.path.rsplit('/', 1)[0]}/{{{files}}}), which are not in the offline mirror "
+            f"and not cached here ({reason}). Run `dpnle data fetch pb-search` on a machine with internet and copy "
+            f"its cache ({datasets.datasets_cache_dir()}) here, or pass a local copy: --questions "
+            f"PATH/{entry.path.rsplit('/', 1)[-1]} (or the folder holding the five files)."
+        ) from None
+
+
+def _reference_pairs(
+    concept: Concept, num_pairs: int, seed: int, questions_path: str | Path | None
+) -> tuple[pd.DataFrame, str]:
+    """The reference's ``build_contrastive_samples`` as a pair set (see the module docstring)."""
+    from dpnle import datasets
+
+    source, label = _search_file(concept, questions_path)
+    questions = datasets.load_pb_search(concept.name, path=source, strip=False)[:num_pairs]
+    if len(questions) < num_pairs:
+        raise PairsError(
+            f"{source} holds {len(questions)} search questions for {concept.name!r}; reference sampling takes the "
+            f"first --num-pairs of them: pass --num-pairs {len(questions)} or fewer."
+        )
+    descriptions = datasets.load_pb_descriptions(concept.name, strip=False)
+    high = [(f"pb-{d.index}", d.text) for d in descriptions if d.pole == "high"]  # description.json line order
+    low = [(f"pb-{d.index}", d.text) for d in descriptions if d.pole == "low"]
+    rng = random.Random(seed)
+    high_draws = [rng.choice(high) for _ in questions]  # every high draw first, as the reference
+    low_draws = [rng.choice(low) for _ in questions]
+    rows = []
+    for q, (hid, htext), (lid, ltext) in zip(questions, high_draws, low_draws, strict=True):
+        rows.append(
+            {
+                "question_id": q.id,
+                "question": q.text,
+                "high_description_id": hid,
+                "low_description_id": lid,
+                "high_message": DPNLE_TEMPLATE.format(description=htext, question=q.text),
+                "low_message": DPNLE_TEMPLATE.format(description=ltext, question=q.text),
+                "high_response_prefix": "",
+                "low_response_prefix": "",
+            }
+        )
+    return _pair_frame(rows, concept.name, "personalitybench"), label
 
 
 def _redraw_duplicates(
@@ -286,15 +471,23 @@ def render_prompt(tokenizer, message: str, response_prefix: str = "") -> str:
     return text + response_prefix
 
 
-def default_pairs_path(concept: str, recipe: str, num_pairs: int, seed: int) -> Path:
+def default_pairs_path(
+    concept: str, recipe: str, num_pairs: int, seed: int, pair_sampling: str = DEFAULT_PAIR_SAMPLING
+) -> Path:
+    """``seed``: the seed of ``pair_sampling`` (``--seed`` for dpnle's, ``--pair-seed`` for the reference's)."""
     from dpnle.paths import cache_dir
 
-    return cache_dir() / "pairs" / f"{concept}-{recipe}-n{num_pairs}-seed{seed}.parquet"
+    mode = "" if pair_sampling == DEFAULT_PAIR_SAMPLING else f"-{pair_sampling}"
+    return cache_dir() / "pairs" / f"{concept}-{recipe}{mode}-n{num_pairs}-seed{seed}.parquet"
 
 
 def write_pairs(pairs: pd.DataFrame, path: str | Path, seed: int, questions_path: str | Path | None) -> Path:
+    """Write ``pairs`` with metadata saying how they were made: the prompt template, the pair
+    sampling and its seed (``pair_sampling``, ``pair_seed``) and the question source, as
+    :func:`make_pairs` recorded them (:func:`pairs_info`), and their digest."""
     from dpnle.runs import write_parquet
 
+    info = pairs_info(pairs)
     meta = {
         "kind": "pairs",
         "concept": str(pairs["concept"].iloc[0]),
@@ -302,6 +495,29 @@ def write_pairs(pairs: pd.DataFrame, path: str | Path, seed: int, questions_path
         "num_pairs": int(len(pairs)),
         "seed": seed,
         "questions": str(questions_path) if questions_path else "dpnle:data/questions.jsonl",
+        **{k: v for k, v in info.items() if v is not None or k != "questions"},
         "digest": pairs_digest(pairs),
     }
     return write_parquet(path, pairs, metadata=meta)
+
+
+def npti_message(message: str, question: str) -> str:
+    """The NPTI search prompt (:data:`NPTI_TEMPLATE`) for the persona and question of a pair side.
+
+    ``message`` is the side's DPN-LE message (``high_message`` / ``low_message``, made with
+    :data:`DPNLE_TEMPLATE` or its single-newline predecessor) and ``question`` the pair's
+    question: the persona description is the text between the template's fixed parts. A message
+    of another form (the anthropic-persona recipe has no persona description) is a
+    :class:`PairsError`.
+    """
+    for template in dict.fromkeys((DPNLE_TEMPLATE, DPNLE_TEMPLATE.replace("\n\n", "\n"))):
+        head, tail = template.split("{description}")
+        tail = tail.format(question=question)
+        if message.startswith(head) and message.endswith(tail) and len(message) >= len(head) + len(tail):
+            description = message[len(head) : len(message) - len(tail)]
+            return NPTI_TEMPLATE.format(personality=description, question=question)
+    raise PairsError(
+        "The NPTI reference protocol rebuilds each prompt from the pair's persona description and question, "
+        f"but this message is not a DPN-LE persona prompt: {message[:80]!r}... Use pairs of the personalitybench "
+        "or values recipe (the anthropic-persona recipe has no persona description)."
+    )

@@ -10,10 +10,16 @@ order gives bit-identical results, which is what makes a resumed capture reprodu
 :class:`LayerStats` is what the capture stage hands to localization: per layer and neuron, the
 mean and unbiased variance of each pole, and optionally the fraction of tokens where the unit
 is positive (the NPTI baseline's statistic).
+
+:class:`TokenCounts` keeps what NPTI's reference code keeps per neuron instead: the number of
+tokens where it is > 0 and the number of tokens, pooled over all tokens of all samples of a pole,
+and a 301-bin histogram of its activation (:func:`npti_bin_edges`); :func:`npti_quantile` is the
+reference's 95th-percentile read-out of that histogram.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +193,139 @@ class RunningMoments:
         return f"RunningMoments(n={self._n}, units={self.units}, positive_fraction={self._pos_sum is not None})"
 
 
+# ---------------------------------------------------------------------------------------------
+# NPTI's pooled token counts (RUCAIBox/NPTI search_neuron.py / process_neuron.py)
+
+NPTI_HIST_BINS = 301
+_INT32_MAX = 2**31 - 1
+# Rows of [tokens, width] handled at once when binning, so the int64 bin indices stay small.
+_HIST_CHUNK_ELEMENTS = 1 << 24
+
+
+def npti_bin_edges(device: torch.device | str | None = None) -> torch.Tensor:
+    """NPTI's 302 histogram boundaries (float32): -inf, then 0, 0.01, ..., 2.99, then +inf.
+
+    Built the way the reference builds them (``torch.arange(0, 3.01, 0.01)`` with -inf put in
+    front and its last value, 3.00, replaced by +inf), so the float32 boundaries are the same
+    bits. Bin ``j`` holds ``edges[j] < x <= edges[j + 1]``: bin 0 is x <= 0, bin 300 is x > 2.99.
+    """
+    edges = torch.cat([torch.tensor([-float("inf")]), torch.arange(0, 3.01, 0.01)])
+    edges[-1] = float("inf")
+    if edges.numel() != NPTI_HIST_BINS + 1:  # pragma: no cover - a change in torch.arange rounding
+        raise RuntimeError(f"NPTI's histogram boundaries: expected {NPTI_HIST_BINS + 1}, got {edges.numel()}.")
+    return edges if device is None else edges.to(device)
+
+
+def npti_quantile(hist: np.ndarray, q: float = 0.95) -> np.ndarray:
+    """NPTI's ``calculate_quantiles`` over the last axis of ``hist`` [..., 301] (counts).
+
+    The float32 cumulative sum, the first bin whose cumulative count is >= ``q`` x the total
+    (``searchsorted``, left side), and that bin's LOWER boundary: -inf for bin 0 (95% of the
+    tokens at or below 0, or no tokens at all), 0.0 for bin 1, 0.01 for bin 2, ...
+    Returns float64 values of the float32 boundaries, shaped like ``hist`` without its last axis.
+    """
+    counts = torch.as_tensor(np.asarray(hist)).to(torch.float32)
+    if counts.shape[-1] != NPTI_HIST_BINS:
+        raise ValueError(f"An NPTI histogram has {NPTI_HIST_BINS} bins, not {counts.shape[-1]}.")
+    flat = counts.reshape(-1, NPTI_HIST_BINS)
+    cumsum = torch.cumsum(flat, dim=-1)
+    threshold = q * cumsum[:, -1:]
+    index = torch.searchsorted(cumsum.contiguous(), threshold.contiguous()).squeeze(-1)
+    values = npti_bin_edges()[index.clamp(max=NPTI_HIST_BINS)]
+    return values.to(torch.float64).numpy().reshape(counts.shape[:-1])
+
+
+class TokenCounts:
+    """Pooled per-token statistics of one (pole, layer), as NPTI accumulates them.
+
+    Over every token given to :meth:`update` ([tokens, units] tensors): ``positive`` counts
+    the tokens where a unit is > 0 (NPTI's ``over_zero``), ``tokens`` counts the tokens
+    (``token_num``) and ``hist`` [units, 301] counts them in NPTI's bins (:func:`npti_bin_edges`,
+    ``torch.bucketize(right=False) - 1``). The firing rate is ``positive / tokens``: pooled over
+    tokens, so a long response weighs more than a short one. Counts are exact integers; merging
+    partials (shards) is a sum. The accumulators stay on the tensor's device until read.
+    """
+
+    def __init__(self, units: int):
+        self.units = int(units)
+        self.tokens = 0
+        self._positive: torch.Tensor | np.ndarray | None = None
+        self._hist: torch.Tensor | np.ndarray | None = None
+        self._edges: torch.Tensor | None = None
+
+    def update(self, tokens: torch.Tensor) -> TokenCounts:
+        """Count the rows of ``tokens`` [tokens, units] (cast to float32, as NPTI does)."""
+        if tokens.ndim != 2 or tokens.shape[1] != self.units:
+            raise ValueError(f"TokenCounts.update expects [tokens, {self.units}], got {tuple(tokens.shape)}.")
+        rows = int(tokens.shape[0])
+        if rows == 0:
+            return self
+        device = tokens.device
+        if self._positive is None or isinstance(self._positive, np.ndarray):
+            positive = torch.zeros(self.units, dtype=torch.int64, device=device)
+            hist = torch.zeros(self.units * NPTI_HIST_BINS, dtype=torch.int32, device=device)
+            if self._positive is not None:  # restored from numpy: continue on the device
+                positive += torch.as_tensor(self._positive, device=device)
+                hist = torch.as_tensor(np.asarray(self._hist).reshape(-1), device=device).to(torch.int64)
+            self._positive, self._hist = positive, hist
+        assert isinstance(self._hist, torch.Tensor) and isinstance(self._positive, torch.Tensor)
+        if self.tokens + rows > _INT32_MAX and self._hist.dtype == torch.int32:
+            self._hist = self._hist.to(torch.int64)
+        if self._edges is None or self._edges.device != device:
+            self._edges = npti_bin_edges(device)
+        offsets = torch.arange(self.units, device=device, dtype=torch.int64) * NPTI_HIST_BINS
+        step = max(1, _HIST_CHUNK_ELEMENTS // max(1, self.units))
+        for start in range(0, rows, step):
+            chunk = tokens[start : start + step].detach().to(torch.float32)
+            self._positive += (chunk > 0).sum(dim=0)
+            bins = torch.bucketize(chunk, self._edges) - 1  # right=False, as NPTI
+            flat = (bins + offsets).reshape(-1)
+            self._hist += torch.bincount(flat, minlength=self.units * NPTI_HIST_BINS).to(self._hist.dtype)
+        self.tokens += rows
+        return self
+
+    def merge(self, other: TokenCounts) -> TokenCounts:
+        """Add ``other``'s counts (on the host; int32 histograms while the token count fits
+        int32, which no bin can then exceed); returns self."""
+        if other.units != self.units:
+            raise ValueError(f"Unit count changed: {self.units} before, {other.units} now.")
+        positive, hist = self.positive, self.hist
+        self.tokens += other.tokens
+        dtype = np.int32 if self.tokens <= _INT32_MAX else np.int64
+        self._positive = positive + other.positive
+        self._hist = hist.astype(dtype, copy=False) + other.hist.astype(dtype, copy=False)
+        return self
+
+    @property
+    def positive(self) -> np.ndarray:
+        """[units] int64: tokens with act > 0."""
+        if self._positive is None:
+            return np.zeros(self.units, np.int64)
+        if isinstance(self._positive, torch.Tensor):
+            return self._positive.cpu().numpy().astype(np.int64)
+        return np.asarray(self._positive, np.int64)
+
+    @property
+    def hist(self) -> np.ndarray:
+        """[units, 301] counts (int32 while the token count fits int32, else int64)."""
+        if self._hist is None:
+            return np.zeros((self.units, NPTI_HIST_BINS), np.int32 if self.tokens <= _INT32_MAX else np.int64)
+        values = self._hist.cpu().numpy() if isinstance(self._hist, torch.Tensor) else np.asarray(self._hist)
+        dtype = np.int32 if self.tokens <= _INT32_MAX else np.int64
+        return values.reshape(self.units, NPTI_HIST_BINS).astype(dtype, copy=False)
+
+    @classmethod
+    def from_arrays(cls, tokens: int, positive: np.ndarray, hist: np.ndarray) -> TokenCounts:
+        counts = cls(int(np.asarray(positive).shape[0]))
+        counts.tokens = int(tokens)
+        counts._positive = np.asarray(positive, np.int64).copy()
+        counts._hist = np.asarray(hist).reshape(counts.units, NPTI_HIST_BINS).copy()
+        return counts
+
+    def __repr__(self) -> str:
+        return f"TokenCounts(tokens={self.tokens}, units={self.units})"
+
+
 @dataclass
 class LayerStats:
     """Per-layer, per-neuron statistics of one concept's two poles at one site and token policy.
@@ -207,6 +346,13 @@ class LayerStats:
     pos_frac_high: np.ndarray | None = None  # [L, N] float64: mean fraction of tokens > 0
     pos_frac_low: np.ndarray | None = None  # [L, N] float64
     meta: dict[str, Any] = field(default_factory=dict)  # the capture manifest
+    # NPTI's pooled token counts (gate site, response-mean; None in captures made before them):
+    pos_count_high: np.ndarray | None = None  # [L, N] int64: tokens with act > 0
+    pos_count_low: np.ndarray | None = None  # [L, N] int64
+    token_count_high: np.ndarray | None = None  # [L] int64: tokens counted
+    token_count_low: np.ndarray | None = None  # [L] int64
+    hist_high: np.ndarray | None = None  # [L, N, 301] int32/int64: NPTI's histogram (npti_bin_edges)
+    hist_low: np.ndarray | None = None  # [L, N, 301]
 
     @property
     def width(self) -> int:
@@ -247,3 +393,112 @@ def cohens_d(
         n_h + n_l - 2
     )
     return (mean_high - np.asarray(mean_low, np.float64)) / np.sqrt(pooled + eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics of in-memory activations (what the capture stage computes, without a run)
+
+
+def stats_from_moments(
+    moments: Mapping[tuple[str, int], RunningMoments],
+    *,
+    concept: str = "",
+    site: str = "mlp",
+    policy: str = "last",
+    meta: dict[str, Any] | None = None,
+) -> LayerStats:
+    """:class:`LayerStats` from one :class:`RunningMoments` per (pole, layer), pole "high" or
+    "low": the means, unbiased variances, counts and (when tracked) positive fractions. The
+    capture stage's :func:`dpnle.collect.load_stats` builds its statistics here too."""
+    layers = sorted({int(layer) for _, layer in moments})
+    if not layers or any((pole, layer) not in moments for pole in ("high", "low") for layer in layers):
+        raise ValueError("stats_from_moments needs the high and the low moments of every layer.")
+
+    def stack(pole: str, value: Any) -> np.ndarray:
+        return np.stack([value(moments[pole, layer]) for layer in layers])
+
+    pos_high = pos_low = None
+    if moments["high", layers[0]].positive_fraction_sum is not None:
+        pos_high = stack("high", lambda m: m.positive_fraction)
+        pos_low = stack("low", lambda m: m.positive_fraction)
+    return LayerStats(
+        concept=concept,
+        site=site,
+        policy=policy,
+        layers=layers,
+        n_high=np.array([moments["high", layer].n for layer in layers], dtype=np.int64),
+        n_low=np.array([moments["low", layer].n for layer in layers], dtype=np.int64),
+        mean_high=stack("high", lambda m: m.mean),
+        mean_low=stack("low", lambda m: m.mean),
+        var_high=stack("high", lambda m: m.variance(ddof=1)),
+        var_low=stack("low", lambda m: m.variance(ddof=1)),
+        pos_frac_high=pos_high,
+        pos_frac_low=pos_low,
+        meta={} if meta is None else meta,
+    )
+
+
+def layer_stats(
+    high: Any,
+    low: Any,
+    *,
+    layers: Sequence[int] | None = None,
+    concept: str = "",
+    site: str | None = None,
+    policy: str | None = None,
+    positive_high: Mapping[int, Any] | None = None,
+    positive_low: Mapping[int, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> LayerStats:
+    """Per-layer statistics of the high and low samples of one concept, in memory (no run).
+
+    ``high`` and ``low`` are ``{layer: [samples, units]}`` arrays or tensors, or the
+    :class:`dpnle.collect.Capture` of each pole's prompts (then ``site``, ``policy`` and the
+    positive fractions come from it). ``positive_high`` / ``positive_low`` (optional, both or
+    neither): ``{layer: [samples, units]}`` per-sample fractions of tokens where a unit is > 0
+    (the NPTI statistic). ``layers``: the layers to keep (default: every layer both hold).
+    Returns what :func:`dpnle.localize.select_dpnle` and the other selections take: means and
+    unbiased variances in float64, reduced with :class:`RunningMoments` as the capture stage does.
+    """
+    from dpnle.runs import InputError
+
+    captures = [pole for pole in (high, low) if hasattr(pole, "activations")]
+    if captures:
+        if len(captures) != 2:
+            raise InputError("layer_stats takes two Captures or two {layer: array} mappings, not one of each.")
+        if (high.site, high.policy) != (low.site, low.policy):
+            raise InputError(
+                f"The high capture is {high.site}/{high.policy}, the low one {low.site}/{low.policy}: capture "
+                "both poles at the same site and policy."
+            )
+        site = high.site if site is None else site
+        policy = high.policy if policy is None else policy
+        if positive_high is None and positive_low is None:
+            positive_high, positive_low = high.positive_fraction, low.positive_fraction
+        high, low = high.activations, low.activations
+    if (positive_high is None) != (positive_low is None):
+        raise InputError("Pass the positive fractions of both poles (positive_high and positive_low), or of neither.")
+    both = sorted(set(map(int, high)) & set(map(int, low)))
+    chosen = both if layers is None else [int(x) for x in layers]
+    missing = [x for x in chosen if x not in both]
+    if not chosen or missing:
+        raise InputError(
+            f"layer_stats needs the high and low activations of every layer asked for; layers {missing or chosen} "
+            f"are missing (both poles hold layers {both})."
+        )
+    moments: dict[tuple[str, int], RunningMoments] = {}
+    for pole, acts, positive in (("high", high, positive_high), ("low", low, positive_low)):
+        for layer in chosen:
+            rows = acts[layer]
+            if rows.ndim != 2 or rows.shape[0] < 2:
+                raise InputError(
+                    f"The {pole} activations of layer {layer} have shape {tuple(rows.shape)}: each pole needs a "
+                    "[samples, units] array of at least 2 samples (an unbiased variance needs two)."
+                )
+            moments[pole, layer] = RunningMoments().update(
+                rows, positive_fraction=None if positive is None else positive[layer]
+            )
+    widths = {moments[key].units for key in moments}
+    if len(widths) != 1:
+        raise InputError(f"The activations have different unit counts across poles or layers ({sorted(widths)}).")
+    return stats_from_moments(moments, concept=concept, site=site or "mlp", policy=policy or "last", meta=meta)

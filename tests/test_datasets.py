@@ -225,7 +225,38 @@ def test_verify_and_list_do_not_fetch(cache: Path) -> None:
     assert not rows["hellaswag"].cached
 
 
+def _unpin_search_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The search files are pinned by git blob id now; an entry without any digest is simulated.
+    import dataclasses
+
+    entry = datasets.REGISTRY["pb-search-openness"]
+    monkeypatch.setitem(datasets.REGISTRY, entry.name, dataclasses.replace(entry, git_blob=None))
+
+
+def test_search_files_are_pinned_to_npti_commit_by_git_blob(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    entry = datasets.get_entry("pb-search-openness")
+    assert entry.commit == "630d2a236e5c8d2484fbd5b71249aedd1fc44195" and datasets.is_pinned(entry.name)
+    assert entry.git_blob == "a53f3b04ef4337243cea226d9820ad20bfa8961b" and not entry.verifiable
+    assert datasets.url(entry).startswith("https://raw.githubusercontent.com/RUCAIBox/NPTI/630d2a236e5c")
+    lines = b'{"question": "What would you invent?"}\n'
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: _FakeResponse(lines))
+    with pytest.raises(datasets.DatasetHashError, match="git blob id"):
+        datasets.fetch(entry.name)  # other bytes than the pinned blob: discarded
+    assert not datasets.cache_path(entry).exists()
+    blob = hashlib.sha1(b"blob %d\0" % len(lines) + lines).hexdigest()
+    monkeypatch.setitem(datasets.REGISTRY, entry.name, dataclasses.replace(entry, git_blob=blob))
+    assert datasets.load_pb_search("openness")[0].text == "What would you invent?"
+    assert datasets.verify(entry.name).verified
+    assert datasets.fetch_summary([entry.name]) == (
+        "0 file(s) verified against a pinned SHA-256. 1 verified against the pinned commit's git blob id: "
+        "pb-search-openness."
+    )
+
+
 def test_unpinned_entry_downloads_with_a_warning(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _unpin_search_entry(monkeypatch)
     lines = b'{"BFI": "Openness", "tag": "Imagination", "sign": "+", "question": "What would you invent?"}\n'
     monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: _FakeResponse(lines))
     with pytest.warns(datasets.UnpinnedDatasetWarning, match="not pinned"):
@@ -236,6 +267,7 @@ def test_unpinned_entry_downloads_with_a_warning(cache: Path, monkeypatch: pytes
 
 
 def test_an_unpinned_file_is_never_called_verified(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _unpin_search_entry(monkeypatch)
     lines = b'{"BFI": "Openness", "tag": "Imagination", "sign": "+", "question": "What would you invent?"}\n'
     monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: _FakeResponse(lines))
     with pytest.warns(datasets.UnpinnedDatasetWarning):

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as sps
 
 from dpnle import localize as loc
-from dpnle.stats import LayerStats
+from dpnle.stats import LayerStats, layer_stats
 
 # ---------------------------------------------------------------------------------------------
 # synthetic data
@@ -34,21 +34,11 @@ def raw_samples(seed=0, layers=3, width=400, n_high=60, n_low=50, constant=(), s
 
 
 def stats_from_samples(high, low, layers=None, concept="openness", site="mlp", policy="last", meta=None):
-    layers = sorted(high) if layers is None else layers
-    return LayerStats(
-        concept=concept,
-        site=site,
-        policy=policy,
-        layers=list(layers),
-        n_high=np.array([high[x].shape[0] for x in layers], dtype=np.int64),
-        n_low=np.array([low[x].shape[0] for x in layers], dtype=np.int64),
-        mean_high=np.stack([np.mean(high[x], axis=0) for x in layers]),
-        mean_low=np.stack([np.mean(low[x], axis=0) for x in layers]),
-        var_high=np.stack([np.var(high[x], axis=0, ddof=1) for x in layers]),
-        var_low=np.stack([np.var(low[x], axis=0, ddof=1) for x in layers]),
-        pos_frac_high=np.stack([np.mean(high[x] > 0, axis=0) for x in layers]),
-        pos_frac_low=np.stack([np.mean(low[x] > 0, axis=0) for x in layers]),
-        meta=meta or {},
+    """The library's in-memory statistics (dpnle.stats.layer_stats), positive fractions included
+    (tests/test_api.py checks layer_stats against numpy means and variances)."""
+    return layer_stats(
+        high, low, layers=layers, concept=concept, site=site, policy=policy, meta=meta or {},
+        positive_high={x: high[x] > 0 for x in high}, positive_low={x: low[x] > 0 for x in low},
     )
 
 
@@ -649,7 +639,7 @@ def test_localize_npti_and_caa_end_to_end(tiny_run):
         "low": {x: (rng.random(low[x].shape) < 0.5).astype(np.float64) for x in low},
     }
     acts = write_capture(tiny_run, "openness", "gate", "response-mean", high, low, pos=pos)
-    result = loc.localize_concept(tiny_run, "openness", method="npti")
+    result = loc.localize_concept(tiny_run, "openness", method="npti", npti_selection="per-layer")
     assert result.path == tiny_run.neurons_path("openness", "npti")
     frame = read_parquet(result.path)
     sel = frame[frame["selected"]]

@@ -53,6 +53,7 @@ import torch
 
 from dpnle.batching import forward_accepts, input_device, pad_token_id
 from dpnle.datasets import GsmItem, McItem, QaItem
+from dpnle.errors import DpnleError
 from dpnle.pairs import render_prompt
 from dpnle.paths import project_data_dir
 
@@ -105,7 +106,7 @@ ROW_COLUMNS: list[str] = [
 ]
 
 
-class CapabilityError(ValueError):
+class CapabilityError(ValueError, DpnleError):
     pass
 
 
@@ -501,15 +502,20 @@ def generate_texts(
     max_new_tokens: int,
     repetition_penalty: float,
     batch_size: int = 8,
+    engine: Any = None,
 ) -> list[str]:
     """Batched greedy generation from already-rendered prompts (left padding); returns the new
-    text of each prompt, special tokens removed, stripped."""
+    text of each prompt, special tokens removed, stripped. ``engine`` (a
+    :class:`dpnle.engines.VLLMEngine`) generates instead of ``model.generate``, with the same
+    token ids, greedy settings, stopping rule and edit."""
     if batch_size < 1:
         raise CapabilityError("batch_size must be at least 1.")
-    device = input_device(model)
-    pad_id = pad_token_id(tokenizer)
     encoded = [_encode_rendered(tokenizer, p) for p in prompts]
     config = _greedy_config(model, tokenizer, max_new_tokens, repetition_penalty)
+    if engine is not None:
+        return engine.generate_texts(tokenizer, encoded, edit=edit, config=config)
+    device = input_device(model)
+    pad_id = pad_token_id(tokenizer)
     outputs = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     for index in _batches(order, batch_size):
@@ -549,11 +555,12 @@ def score_gsm8k(
     edit: EditLike | None = None,
     batch_size: int = 8,
     max_new_tokens: int = GSM8K_MAX_NEW_TOKENS,
+    engine: Any = None,
 ) -> list[dict[str, Any]]:
     prompts = [render_prompt(tokenizer, GSM8K_INSTRUCTION.format(question=item.question)) for item in items]
     outputs = generate_texts(
         model, tokenizer, prompts, edit=edit, max_new_tokens=max_new_tokens,
-        repetition_penalty=GSM8K_REPETITION_PENALTY, batch_size=batch_size,
+        repetition_penalty=GSM8K_REPETITION_PENALTY, batch_size=batch_size, engine=engine,
     )
     rows = []
     for item, prompt, output in zip(items, prompts, outputs, strict=True):
@@ -572,11 +579,12 @@ def score_hotpotqa(
     edit: EditLike | None = None,
     batch_size: int = 8,
     max_new_tokens: int = HOTPOTQA_MAX_NEW_TOKENS,
+    engine: Any = None,
 ) -> list[dict[str, Any]]:
     prompts = [render_prompt(tokenizer, HOTPOTQA_INSTRUCTION.format(question=item.question)) for item in items]
     outputs = generate_texts(
         model, tokenizer, prompts, edit=edit, max_new_tokens=max_new_tokens,
-        repetition_penalty=HOTPOTQA_REPETITION_PENALTY, batch_size=batch_size,
+        repetition_penalty=HOTPOTQA_REPETITION_PENALTY, batch_size=batch_size, engine=engine,
     )
     rows = []
     for item, prompt, output in zip(items, prompts, outputs, strict=True):
@@ -637,8 +645,12 @@ def run_benchmark(
     batch_size: int = 8,
     items: Sequence[Any] | None = None,
     max_new_tokens: int | None = None,
+    engine: Any = None,
 ) -> pd.DataFrame:
     """Score one benchmark; one row per item (columns: :data:`ROW_COLUMNS`).
+
+    ``engine`` (a :class:`dpnle.engines.VLLMEngine`) generates for GSM8K and HotpotQA; the
+    log-likelihood benchmarks always run on ``model``.
 
     ``items`` replaces the dataset (custom or test items); ``limit`` and ``seed`` pick the subset
     as described in the module docstring. ``max_new_tokens`` overrides the reference's value for
@@ -652,12 +664,12 @@ def run_benchmark(
     elif key == "gsm8k":
         rows = score_gsm8k(
             model, tokenizer, chosen, edit=edit, batch_size=batch_size,
-            max_new_tokens=max_new_tokens or GSM8K_MAX_NEW_TOKENS,
+            max_new_tokens=max_new_tokens or GSM8K_MAX_NEW_TOKENS, engine=engine,
         )
     else:
         rows = score_hotpotqa(
             model, tokenizer, chosen, edit=edit, batch_size=batch_size,
-            max_new_tokens=max_new_tokens or HOTPOTQA_MAX_NEW_TOKENS,
+            max_new_tokens=max_new_tokens or HOTPOTQA_MAX_NEW_TOKENS, engine=engine,
         )
     frame = pd.DataFrame(rows, columns=ROW_COLUMNS)
     for column in ("correct_index", "pred_index"):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dpnle.errors import DpnleError
+
 SITES = ("mlp", "gate", "resid")
 
 # Attribute paths from the top-level model to the list of decoder layers, tried in order.
@@ -32,7 +34,7 @@ _ACTIVATIONS = ("act_fn", "activation_fn", "act")
 _GATE_PROJECTIONS = ("gate_proj", "gate_up_proj", "w1")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ValueError, DpnleError):
     pass
 
 

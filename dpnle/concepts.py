@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dpnle.errors import DpnleError
+
 TRAITS: tuple[str, ...] = ("openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism")
 
 # Circumplex order (Schwartz 1992): evenly spaced angles, conformity and tradition adjacent.
@@ -54,7 +56,7 @@ class Concept:
         return self.name.replace("_", " ").title()
 
 
-class UnknownConceptError(ValueError):
+class UnknownConceptError(ValueError, DpnleError):
     pass
 
 

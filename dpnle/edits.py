@@ -11,7 +11,17 @@ Sites (see :mod:`dpnle.arch`):
   ``down_proj`` replaces its input ``h`` by ``h + gamma * sign * delta``.
 - ``gate``: the output of the MLP's activation module (NPTI's site). A forward hook changes
   the activation before it is multiplied by ``up_proj(x)``; NPTI also clamps the opposite
-  pole's neurons to ``min(a, 0)``.
+  pole's neurons to ``min(a, 0)``. The clamp obeys the position policy like the addition
+  (NPTI clamps in decode steps only, i.e. ``generated``).
+
+Stochastic edits: ``Edit.keep < 1`` keeps each edited unit with probability ``keep``, drawn
+afresh on every forward call of every layer that the position policy lets the edit change
+(one Bernoulli draw per unit per call, shared by all rows and positions of the call), as
+NPTI's published code does (``torch.rand(k) <= 0.9``). Each layer draws from its own
+``torch.Generator`` seeded by :func:`keep_mask_seed` from ``(meta["keep_seed"],
+meta["concept"], layer)`` and created at ``apply()``, so each ``apply()`` replays the same
+stream. Such an edit has no fixed dense vector: :meth:`Edit.dense_vectors`, :func:`bake_edit`
+and :func:`export_checkpoint` refuse it.
 - ``resid``: the decoder layer's output (CAA's site). A forward hook adds a full hidden-size
   vector to the residual stream.
 
@@ -51,6 +61,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import os
 import shutil
@@ -69,7 +80,15 @@ from dpnle import __version__
 from dpnle.arch import SITES, UnsupportedModelError, architecture, find_decoder_layers
 from dpnle.concepts import cli_flag
 from dpnle.models import LoadedModel
-from dpnle.runs import ArtifactError, InputError, Run, now, read_parquet, write_json
+from dpnle.runs import (
+    ArtifactError,
+    InputError,
+    Run,
+    atomic_path,
+    now,
+    read_parquet,
+    write_json,
+)
 
 EDIT_METHODS = ("dpnle", "dpnle-w", "npti", "caa", "random", "prompt", "none")
 # Methods the evaluator runs without hooks: build_edit returns None for them.
@@ -78,13 +97,23 @@ POSITIONS = ("all", "prompt", "generated")
 MODES = ("both", "directional")
 DIRECTIONS = {"up": 1, "down": -1}
 
-# NPTI (Deng et al. 2025): a_i += gamma * v95_i * sigmoid(SLOPE * (|dp_i| - CENTRE)) on a
-# seeded KEEP share of the target neurons.
+# NPTI (Deng et al. 2025): a_i += gamma * v95_i * sigmoid(SLOPE * (dp_i - CENTRE)) (dp_i the
+# pole-oriented delta_p) on a KEEP share of the target neurons.
 NPTI_SLOPE = 10.0
 NPTI_CENTRE = 0.15
 NPTI_KEEP = 0.9
+# How the KEEP share is drawn: "per-call" (NPTI's published code: a fresh Bernoulli(KEEP) mask on
+# every forward call of every layer), "none" (DPN-LE's re-implementation: every target), "fixed"
+# (one seeded subset of round(KEEP * k) targets per layer, drawn once).
+NPTI_MASKS = ("per-call", "none", "fixed")
+NPTI_MASK_DEFAULT = "per-call"
 
 EDIT_INFO_FILE = "dpnle_edit.json"
+# Edit.save / Edit.load: a safetensors file whose header metadata says what it holds.
+EDIT_FILE_FORMAT = "dpnle-edit"
+EDIT_FILE_VERSION = 1
+# The fingerprint fields an edit keeps of the model it was made for (apply() checks them).
+MODEL_RECORD_KEYS = ("id", "digest", "num_layers", "intermediate_size", "hidden_size")
 
 LayerVector = tuple[torch.Tensor | None, torch.Tensor]
 
@@ -100,7 +129,9 @@ class Edit:
     ``vectors[layer] = (neuron_idx int64 [k], delta float32 [k])``; for the ``resid`` site
     ``neuron_idx`` may be None, meaning ``delta`` is the full ``[hidden]`` vector. The change
     at a layer is ``gamma * sign * delta`` at those units; ``clamp[layer]`` lists units whose
-    value is then clamped to ``<= 0`` (NPTI's opposite-pole neurons).
+    value is clamped to ``<= 0`` first (NPTI's opposite-pole neurons). ``keep < 1`` makes the
+    edit stochastic: on each forward call each layer keeps each of its edited units with
+    probability ``keep`` (see the module docstring; the seed is ``meta["keep_seed"]``).
     """
 
     method: str
@@ -111,6 +142,7 @@ class Edit:
     positions: str = "all"
     clamp: dict[int, torch.Tensor] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    keep: float = 1.0
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
@@ -126,10 +158,24 @@ class Edit:
             raise InputError(f"sign must be +1 (raise the concept) or -1 (lower it), not {self.sign!r}.")
         if self.positions not in POSITIONS:
             raise InputError(f"Unknown position policy {self.positions!r}; choose one of {', '.join(POSITIONS)}.")
+        try:
+            keep = float(self.keep)
+        except (TypeError, ValueError):
+            keep = math.nan
+        if not 0.0 < keep <= 1.0:
+            raise InputError(f"keep (the share of edited units kept per forward call) must be in (0, 1], not {self.keep!r}.")
+        self.keep = keep
         self.vectors = {int(layer): _as_layer_vector(layer, idx, delta) for layer, (idx, delta) in self.vectors.items()}
+        if self.stochastic and any(idx is None for idx, _ in self.vectors.values()):
+            raise InputError("A per-call random keep (keep < 1) needs neuron indices; a full-width vector has none.")
         if self.clamp is not None:
             self.clamp = {int(layer): torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
                           for layer, idx in self.clamp.items()}  # fmt: skip
+
+    @property
+    def stochastic(self) -> bool:
+        """True when a fresh random subset of the units is edited on each forward call."""
+        return self.keep < 1.0
 
     @property
     def num_neurons(self) -> int:
@@ -152,6 +198,8 @@ class Edit:
             "gamma": self.gamma,
             "sign": self.sign,
             "positions": self.positions,
+            "keep": self.keep,
+            "keep_draw": "fresh Bernoulli mask per forward call per layer" if self.stochastic else "none",
             "num_neurons": self.num_neurons,
             "num_clamped": sum(int(v.numel()) for v in (self.clamp or {}).values()),
             "layers": self.layers,
@@ -159,7 +207,19 @@ class Edit:
         }
 
     def dense_vectors(self, width: int) -> dict[int, torch.Tensor]:
-        """``{layer: float32 [width]}`` of ``gamma * sign * delta``, zeros elsewhere."""
+        """``{layer: float32 [width]}`` of ``gamma * sign * delta``, zeros elsewhere.
+
+        Refuses a stochastic edit (``keep < 1``): its change differs on every forward call, and
+        baking the expected value would silently be another edit."""
+        if self.stochastic:
+            raise InputError(
+                f"This {self.method} edit is stochastic (each forward call keeps a fresh random {self.keep:g} share "
+                "of its neurons, as NPTI's code does), so it has no fixed vector to bake or export. Build it with "
+                "npti_mask='fixed' (one seeded subset) or 'none' (every target) for a deterministic edit."
+            )
+        return self._dense(width)
+
+    def _dense(self, width: int) -> dict[int, torch.Tensor]:
         dense: dict[int, torch.Tensor] = {}
         scale = self.gamma * self.sign
         for layer, (idx, delta) in self.vectors.items():
@@ -179,6 +239,129 @@ class Edit:
             # index_add (not assignment) so a repeated index adds up instead of one value winning.
             dense[layer] = torch.zeros(width, dtype=torch.float32).index_add_(0, idx, delta.float()) * scale
         return dense
+
+    # -- building and storing ------------------------------------------------------------------
+    @classmethod
+    def from_selection(
+        cls,
+        selection: pd.DataFrame,
+        method: str = "dpnle",
+        direction: str = "up",
+        gamma: float = 1.0,
+        mode: str = "both",
+        positions: str = "all",
+        model: LoadedModel | nn.Module | Mapping[str, Any] | None = None,
+        *,
+        concept: str | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> Edit:
+        """The DPN-LE edit (``method`` "dpnle", or "dpnle-w" for the weighted variant) of a
+        selection: the frame :func:`dpnle.localize.select_dpnle` returns (or its selected rows).
+
+        ``direction`` "up" raises the concept, "down" lowers it; ``mode`` "both" edits HIGH and
+        LOW neurons together, "directional" edits HIGH alone to raise and LOW alone to lower.
+        ``model``: the model the edit is made for (a :class:`LoadedModel` or its fingerprint
+        dict: id, digest and shape; a bare ``nn.Module``: its shape only), recorded in
+        ``meta["model"]`` so that :meth:`apply` refuses another model; None records nothing.
+        ``layers`` keeps only those layers. :func:`build_edit` makes its DPN-LE edits the same way.
+        """
+        method = method.strip().lower()
+        if method not in ("dpnle", "dpnle-w"):
+            raise InputError(f"Edit.from_selection builds DPN-LE edits: method 'dpnle' or 'dpnle-w', not {method!r}.")
+        sign = direction_sign(direction)
+        _check_edit_args(mode, positions, gamma)
+        vectors = selection_vectors(selection, direction, mode=mode, weighted=method == "dpnle-w")
+        meta: dict[str, Any] = {} if concept is None else {"concept": concept}
+        meta.update(direction=direction, mode=mode)
+        what = "selection" if concept is None else f"selection of {concept!r}"
+        return _edit_from_vectors(
+            method, "mlp", vectors, gamma=gamma, sign=sign, positions=positions, meta=meta,
+            made_for=_model_record(model), layers=layers, error=InputError,
+            nothing=f"The {method} {what}",
+            loosen="Loosen the selection (select_dpnle's quantile / d_threshold) or pick other layers.",
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the edit to ``path`` (safetensors; written atomically): per layer the unit
+        indices and deltas, the clamp lists, and in the header's metadata the method, site,
+        gamma, sign, positions, keep and ``meta`` (the model it was made for included) as JSON.
+        :meth:`load` reads it back exactly."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for layer, (idx, delta) in sorted(self.vectors.items()):
+            if idx is not None:
+                tensors[f"vectors.{layer}.indices"] = idx.to(torch.int64).contiguous()
+            tensors[f"vectors.{layer}.delta"] = delta.to(torch.float32).contiguous()
+        for layer, idx in sorted((self.clamp or {}).items()):
+            tensors[f"clamp.{layer}"] = idx.to(torch.int64).contiguous()
+        header = {
+            "method": self.method, "site": self.site, "gamma": self.gamma, "sign": self.sign,
+            "positions": self.positions, "keep": self.keep, "layers": sorted(self.vectors),
+            "full_width": sorted(layer for layer, (idx, _) in self.vectors.items() if idx is None),
+            "clamp": None if self.clamp is None else sorted(self.clamp), "meta": self.meta,
+        }
+        metadata = {
+            "format": EDIT_FILE_FORMAT, "format_version": str(EDIT_FILE_VERSION), "dpnle": __version__,
+            "edit": json.dumps(header, default=_json_value),
+        }
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Edit:
+        """An edit :meth:`save` wrote. A missing, corrupt or foreign file (another safetensors
+        file, a newer format) is an :class:`ArtifactError` that says which."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"No saved edit at {path}: the file does not exist. Save one with Edit.save(path).")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = dict(fh.metadata() or {})
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        except Exception as exc:  # safetensors raises its own error types (and OSError, ValueError)
+            raise ArtifactError(
+                f"{path} is not a saved dpnle edit: it is not a readable safetensors file "
+                f"({type(exc).__name__}: {exc}). Save the edit again with Edit.save(path)."
+            ) from None
+        if metadata.get("format") != EDIT_FILE_FORMAT:
+            raise ArtifactError(
+                f"{path} is a safetensors file but not a saved dpnle edit (its metadata says format "
+                f"{metadata.get('format')!r}, not {EDIT_FILE_FORMAT!r})."
+            )
+        version = metadata.get("format_version", "")
+        if not version.isdigit() or int(version) > EDIT_FILE_VERSION:
+            raise ArtifactError(
+                f"{path} is a dpnle edit of format version {version!r}, written by dpnle {metadata.get('dpnle')}; "
+                f"this dpnle ({__version__}) reads version {EDIT_FILE_VERSION}. Upgrade dpnle to load it."
+            )
+        try:
+            header = json.loads(metadata["edit"])
+            full_width = {int(x) for x in header["full_width"]}
+            vectors = {
+                int(layer): (None if int(layer) in full_width else tensors.pop(f"vectors.{int(layer)}.indices"),
+                             tensors.pop(f"vectors.{int(layer)}.delta"))
+                for layer in header["layers"]
+            }
+            clamp = None
+            if header["clamp"] is not None:
+                clamp = {int(layer): tensors.pop(f"clamp.{int(layer)}") for layer in header["clamp"]}
+            if tensors:
+                raise ValueError(f"tensors no layer of the header names: {sorted(tensors)}")
+            meta = dict(header["meta"])
+            if isinstance(meta.get("neurons_per_layer"), dict):  # JSON keys are strings; layers are ints
+                meta["neurons_per_layer"] = {int(k): v for k, v in meta["neurons_per_layer"].items()}
+            return cls(method=header["method"], site=header["site"], vectors=vectors, gamma=header["gamma"],
+                       sign=header["sign"], positions=header["positions"], clamp=clamp, meta=meta,
+                       keep=header["keep"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # InputError is a ValueError
+            raise ArtifactError(
+                f"{path} is a damaged dpnle edit ({type(exc).__name__}: {exc}). Save the edit again with Edit.save(path)."
+            ) from None
 
     def apply(self, model: nn.Module | LoadedModel, prompt_length: int | None = None) -> EditHandle:
         """Register the edit's hooks on ``model``; use as ``with edit.apply(model): ...``.
@@ -389,14 +572,43 @@ def _module_device_dtype(*modules: nn.Module) -> tuple[torch.device, torch.dtype
     return torch.device("cpu"), torch.float32
 
 
+class _KeepMask:
+    """A stochastic edit's per-call draw for one layer: which of its ``k`` units to add to.
+
+    ``units`` (long [k]) and ``values`` (float32 [k], gamma and sign included) live on the
+    module's device; each call draws ``torch.rand(k, generator=self.generator) <= keep`` on the
+    CPU (NPTI's ``torch.rand(len(values)) <= 0.9``) and scatters the kept values into a
+    ``[width]`` vector. ``draws`` counts the calls that drew.
+    """
+
+    def __init__(self, units: torch.Tensor, values: torch.Tensor, width: int, keep: float, seed: int):
+        self.units = units
+        self.values = values
+        self.width = width
+        self.keep = keep
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.draws = 0
+
+    def __call__(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        mask = torch.rand(self.units.numel(), generator=self.generator) <= self.keep
+        self.draws += 1
+        mask = mask.to(self.units.device)
+        add = torch.zeros(self.width, dtype=torch.float32, device=self.units.device)
+        add.index_add_(0, self.units[mask], self.values[mask])
+        return add.to(device=device, dtype=dtype)
+
+
 class _LayerEditor:
     """Applies one layer's change to a ``[..., seq, width]`` tensor, vectorized over units."""
 
-    def __init__(self, add: torch.Tensor | None, clamp: torch.Tensor | None, policy: str, tracker: _PositionTracker):
+    def __init__(self, add: torch.Tensor | None, clamp: torch.Tensor | None, policy: str, tracker: _PositionTracker,
+                 keep_mask: _KeepMask | None = None):
         self.add = add  # [width] in the module's dtype, gamma and sign included
         self.clamp = clamp  # bool [width]
         self.policy = policy
         self.tracker = tracker
+        self.keep_mask = keep_mask  # stochastic edits: a fresh add vector per call instead of ``add``
         self._cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     def _on(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -418,6 +630,10 @@ class _LayerEditor:
             if keep is False:
                 return hidden
         self.tracker.note_fired()
+        if self.keep_mask is not None:
+            # One draw per forward call, after the position policy let the call through (NPTI
+            # draws in decode steps only), shared by every row and position of the call.
+            add = self.keep_mask(hidden.device, hidden.dtype)
         out = hidden
         if clamp is not None:
             clamped = torch.where(clamp, hidden.clamp_max(0), hidden)
@@ -441,6 +657,12 @@ class EditHandle:
         self._tracker = tracker
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.calls: dict[int, int] = {layer: 0 for layer in edit.layers}
+        self.keep_masks: dict[int, _KeepMask | None] = {}  # stochastic edits: each layer's draws
+
+    @property
+    def mask_draws(self) -> dict[int, int]:
+        """Per layer of a stochastic edit, the forward calls that drew a fresh keep-mask."""
+        return {layer: m.draws for layer, m in self.keep_masks.items() if m is not None}
 
     @property
     def prompt_length(self) -> int | None:
@@ -525,7 +747,7 @@ def _register(edit: Edit, model: nn.Module, prompt_length: int | None) -> EditHa
             f"The {edit.method} edit touches layer(s) {bad}, but {arch.model_class} has layers "
             f"0-{arch.num_layers - 1}: the edit was made for another model."
         )
-    dense = edit.dense_vectors(width)
+    dense = edit._dense(width)
     stack = _decoder_stack(model)
     tracker = _PositionTracker(prompt_length, edit.positions, stack)
     handle = EditHandle(edit, tracker)
@@ -538,13 +760,21 @@ def _register(edit: Edit, model: nn.Module, prompt_length: int | None) -> EditHa
             module = arch.module_for(edit.site, layer)
             device, dtype = _module_device_dtype(module, sites.mlp, sites.layer)
             add = dense[layer].to(device=device, dtype=dtype) if layer in dense else None
+            keep_mask = None
+            if edit.stochastic and layer in edit.vectors:
+                units, values = edit.vectors[layer]
+                seed = keep_mask_seed(int(edit.meta.get("keep_seed", 0)), str(edit.meta.get("concept", "")), layer)
+                keep_mask = _KeepMask(units.to(device), (values.float() * edit.gamma * edit.sign).to(device),
+                                      width, edit.keep, seed)
+                add = None
             clamp = None
             if edit.clamp and layer in edit.clamp and edit.clamp[layer].numel():
                 idx = edit.clamp[layer]
                 if int(idx.max()) >= width:
                     raise InputError(f"Clamped unit {int(idx.max())} of layer {layer} is beyond the site's {width} units.")
                 clamp = torch.zeros(width, dtype=torch.bool).index_fill_(0, idx, True).to(device)
-            editor = _LayerEditor(add, clamp, edit.positions, tracker)
+            editor = _LayerEditor(add, clamp, edit.positions, tracker, keep_mask)
+            handle.keep_masks[layer] = keep_mask
             handle._hooks.append(_hook(edit.site, module, editor, handle.calls, layer))
     except BaseException:
         handle.remove()
@@ -630,6 +860,7 @@ def build_edit(
     positions: str = "all",
     seed: int = 0,
     layers: Sequence[int] | None = None,
+    npti_mask: str = NPTI_MASK_DEFAULT,
 ) -> Edit | None:
     """The edit of ``method`` for ``concept`` from a run's localization; None for prompt / none.
 
@@ -639,7 +870,9 @@ def build_edit(
       (its IPIP protocol) does.
     - ``dpnle-w``: the same, delta times the DPN-LE_w weight (ranked over the edited set).
     - ``random``: the size-matched control (see :func:`random_control_vectors`).
-    - ``npti``: gate site; see :func:`npti_edit`.
+    - ``npti``: gate site; see :func:`npti_vectors`. ``npti_mask`` (``per-call``, the default:
+      NPTI's fresh Bernoulli(0.9) keep-mask per forward call, seeded by ``seed``; ``none``;
+      ``fixed``) picks how the kept share of the targets is drawn.
     - ``caa``: the residual mean difference at the chosen layer.
     """
     method = method.strip().lower()
@@ -648,15 +881,11 @@ def build_edit(
     if method in HOOKLESS_METHODS:
         return None
     sign = direction_sign(direction)
-    if mode not in MODES:
-        raise InputError(f"Unknown edit mode {mode!r}; choose one of {', '.join(MODES)}.")
-    if positions not in POSITIONS:
-        raise InputError(f"Unknown position policy {positions!r}; choose one of {', '.join(POSITIONS)}.")
-    if not math.isfinite(float(gamma)):
-        raise InputError(f"gamma must be a finite number, not {gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
+    _check_edit_args(mode, positions, gamma)
     run = run if isinstance(run, Run) else Run.open(run)
     meta: dict[str, Any] = {"concept": concept, "direction": direction, "mode": mode, "seed": seed, "run": run.name}
     clamp = None
+    keep = 1.0
     if method in ("dpnle", "dpnle-w"):
         vectors = dpnle_vectors(run, concept, direction, mode=mode, weighted=method == "dpnle-w")
         site = "mlp"
@@ -664,31 +893,82 @@ def build_edit(
         vectors = random_control_vectors(run, concept, direction, mode=mode, seed=seed)
         site = "mlp"
     elif method == "npti":
-        vectors, clamp, npti_meta = npti_vectors(run, concept, direction, seed=seed)
+        vectors, clamp, npti_meta = npti_vectors(run, concept, direction, seed=seed, npti_mask=npti_mask)
+        keep = float(npti_meta.pop("keep"))
         meta.update(npti_meta)
+        if keep < 1.0:
+            meta["keep_seed"] = int(seed)  # the per-call masks' generators: keep_mask_seed(seed, concept, layer)
         site = "gate"
     else:
         vectors, caa_layer = caa_vectors(run, concept)
         meta["caa_layer"] = caa_layer
         site = "resid"
+    # The model the edit was made for: apply() refuses a model of another shape or digest.
+    fingerprint = (run.manifest().get("model") or {}).get("fingerprint") or {}
+    return _edit_from_vectors(
+        method, site, vectors, gamma=gamma, sign=sign, positions=positions, meta=meta,
+        made_for=_model_record(fingerprint), clamp=clamp, keep=keep, layers=layers, error=ArtifactError,
+        nothing=f"The {method} localization of {concept!r} in run {run.name}",
+        loosen="Loosen the selection (dpnle localize --quantile / --d-threshold) or pick other layers.",
+    )
+
+
+def _json_value(obj: Any) -> Any:
+    """JSON for the numpy scalars, sets and paths an edit's meta may hold (Edit.save)."""
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"An edit's meta holds a {type(obj).__name__}, which cannot be saved as JSON.")
+
+
+def _check_edit_args(mode: str, positions: str, gamma: float) -> None:
+    if mode not in MODES:
+        raise InputError(f"Unknown edit mode {mode!r}; choose one of {', '.join(MODES)}.")
+    if positions not in POSITIONS:
+        raise InputError(f"Unknown position policy {positions!r}; choose one of {', '.join(POSITIONS)}.")
+    if not math.isfinite(float(gamma)):
+        raise InputError(f"gamma must be a finite number, not {gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
+
+
+def _model_record(model: LoadedModel | nn.Module | Mapping[str, Any] | None) -> dict[str, Any]:
+    """What an edit keeps of the model it is made for (:data:`MODEL_RECORD_KEYS`): from a
+    LoadedModel's fingerprint or a fingerprint dict; a bare module gives its shape only."""
+    if model is None:
+        return {}
+    if isinstance(model, LoadedModel):
+        model = model.fingerprint or {}
+    if isinstance(model, nn.Module):
+        arch = architecture(model)
+        return {"num_layers": arch.num_layers, "intermediate_size": arch.intermediate_size,
+                "hidden_size": arch.hidden_size}
+    return {k: model[k] for k in MODEL_RECORD_KEYS if k in model}
+
+
+def _edit_from_vectors(
+    method: str, site: str, vectors: Mapping[int, tuple[Any, Any]], *, gamma: float, sign: int, positions: str,
+    meta: dict[str, Any], made_for: dict[str, Any], clamp: Mapping[int, Any] | None = None, keep: float = 1.0,
+    layers: Sequence[int] | None = None, error: type[Exception], nothing: str, loosen: str,
+) -> Edit:
+    """The one place an :class:`Edit` is assembled from per-layer vectors (:func:`build_edit`,
+    :meth:`Edit.from_selection`): keep ``layers``, refuse an edit of no neuron (``error``,
+    ``nothing`` naming the source), record the neurons per layer and the model made for."""
+    vectors = dict(vectors)
     if layers is not None:
         wanted = {int(x) for x in layers}
         vectors = {k: v for k, v in vectors.items() if k in wanted}
         clamp = None if clamp is None else {k: v for k, v in clamp.items() if k in wanted}
     if not vectors or not any(delta.size for _, delta in vectors.values()):
         scope = f" in layers {sorted(int(x) for x in layers)}" if layers is not None else ""
-        raise ArtifactError(
-            f"The {method} localization of {concept!r} in run {run.name} gives no neuron to edit{scope} "
-            f"(direction {direction}, mode {mode}). Loosen the selection (dpnle localize --quantile / "
-            "--d-threshold) or pick other layers."
+        raise error(
+            f"{nothing} gives no neuron to edit{scope} (direction {meta['direction']}, mode {meta['mode']}). {loosen}"
         )
     meta["neurons_per_layer"] = {int(k): int(v[1].size) for k, v in sorted(vectors.items())}
-    # The model the edit was made for: apply() refuses a model of another shape or digest.
-    fingerprint = (run.manifest().get("model") or {}).get("fingerprint") or {}
-    meta["model"] = {k: fingerprint[k] for k in ("id", "digest", "num_layers", "intermediate_size", "hidden_size")
-                     if k in fingerprint}
+    meta["model"] = made_for
     return Edit(method=method, site=site, vectors=vectors, gamma=float(gamma), sign=sign,
-                positions=positions, clamp=clamp, meta=meta)  # fmt: skip
+                positions=positions, clamp=None if clamp is None else dict(clamp), meta=meta, keep=keep)  # fmt: skip
 
 
 def direction_sign(direction: str) -> int:
@@ -709,9 +989,18 @@ NumpyVectors = dict[int, tuple[np.ndarray, np.ndarray]]
 
 def dpnle_vectors(run: Run, concept: str, direction: str, mode: str = "both", weighted: bool = False) -> NumpyVectors:
     """The DPN-LE neurons and deltas the edit of ``direction`` in ``mode`` touches, per layer."""
+    return selection_vectors(_selection(run, concept, "dpnle"), direction, mode=mode, weighted=weighted)
+
+
+def selection_vectors(
+    selection: pd.DataFrame, direction: str, mode: str = "both", weighted: bool = False
+) -> NumpyVectors:
+    """Per layer, the neurons (int64, ascending) and deltas (float32) a DPN-LE edit of
+    ``direction`` in ``mode`` touches, from a selection (:func:`dpnle.localize.select_dpnle`'s
+    frame or its selected rows); ``weighted`` for DPN-LE_w."""
     from dpnle.localize import edit_vectors
 
-    poles = edit_vectors(_selection(run, concept, "dpnle"), weighted=weighted, mode=mode)
+    poles = edit_vectors(selection, weighted=weighted, mode=mode)
     if mode == "directional":
         return dict(poles["high" if direction_sign(direction) > 0 else "low"])
     merged: NumpyVectors = {}
@@ -722,6 +1011,13 @@ def dpnle_vectors(run: Run, concept: str, direction: str, mode: str = "both", we
         order = np.argsort(idx, kind="stable")
         merged[layer] = (idx[order], delta[order])
     return merged
+
+
+def keep_mask_seed(seed: int, concept: str, layer: int) -> int:
+    """The seed of layer ``layer``'s ``torch.Generator`` for a stochastic edit's per-call masks,
+    from ``(seed, concept, layer)`` (crc32 of the concept: stable across processes)."""
+    state = np.random.SeedSequence([int(seed), zlib.crc32(concept.encode()), int(layer), zlib.crc32(b"npti-mask")])
+    return int(state.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _seeded_rng(seed: int, concept: str, layer: int, stream: str) -> np.random.Generator:
@@ -771,16 +1067,29 @@ def random_control_vectors(run: Run, concept: str, direction: str, mode: str = "
 
 
 def npti_vectors(
-    run: Run, concept: str, direction: str, seed: int = 0
+    run: Run, concept: str, direction: str, seed: int = 0, npti_mask: str = NPTI_MASK_DEFAULT
 ) -> tuple[NumpyVectors, dict[int, np.ndarray], dict[str, Any]]:
     """NPTI's edit at the gate site: (add vectors, clamp indices, meta).
 
-    Targets are the HIGH neurons to raise the concept, the LOW ones to lower it; on a seeded
-    ``NPTI_KEEP`` share of them (exactly ``round(0.9 k)`` per layer, drawn once per
-    (seed, concept, layer, direction)) the activation gets ``gamma * v95 *
-    sigmoid(10 (|dp| - 0.15))``; every neuron of the opposite pole is clamped to ``min(a, 0)``.
-    Stored oriented toward the concept (negated for LOW targets), so sign -1 adds it.
+    Targets are the HIGH neurons to raise the concept, the LOW ones to lower it. A target's
+    activation gets ``gamma * v95 * sigmoid(10 (dp - 0.15))`` with ``dp`` the pole-oriented
+    delta_p (``delta_p`` for HIGH, ``-delta_p`` for LOW: the signed difference column of NPTI's
+    lists; equal to ``|delta_p|`` whenever the pole agrees with the sign). Every neuron of the
+    opposite pole is clamped to ``min(a, 0)`` first, in the layers that have targets (as both
+    NPTI's code and DPN-LE's re-implementation do). Stored oriented toward the concept (negated
+    for LOW targets), so sign -1 adds it.
+
+    ``npti_mask`` says which targets get the addition:
+
+    - ``per-call`` (default; NPTI's published code): all targets are returned, and
+      ``meta["keep"] = 0.9`` tells :func:`build_edit` to make the edit stochastic: a fresh
+      Bernoulli(0.9) mask per forward call per layer, seeded from (seed, concept, layer);
+    - ``none`` (DPN-LE's re-implementation for its capability table): every target;
+    - ``fixed``: one seeded subset of exactly ``round(0.9 k)`` targets per layer, drawn once
+      per (seed, concept, layer, direction).
     """
+    if npti_mask not in NPTI_MASKS:
+        raise InputError(f"Unknown NPTI mask {npti_mask!r}; choose one of {', '.join(NPTI_MASKS)}.")
     sign = direction_sign(direction)
     selection = _selection(run, concept, "npti")
     missing = {"layer", "neuron", "delta_p", "pole", "v95"} - set(selection.columns)
@@ -798,19 +1107,23 @@ def npti_vectors(
     vectors: NumpyVectors = {}
     for layer, group in targets.groupby("layer"):
         idx = group["neuron"].to_numpy(np.int64)
-        amount = group["v95"].to_numpy(np.float64) / (
-            1.0 + np.exp(-NPTI_SLOPE * (np.abs(group["delta_p"].to_numpy(np.float64)) - NPTI_CENTRE))
-        )
-        rng = _seeded_rng(seed, concept, int(layer), f"npti-{target_pole}")
-        keep = np.sort(rng.choice(idx.size, size=int(round(NPTI_KEEP * idx.size)), replace=False))
+        oriented = sign * group["delta_p"].to_numpy(np.float64)  # the pole's own signed difference
+        amount = group["v95"].to_numpy(np.float64) / (1.0 + np.exp(-NPTI_SLOPE * (oriented - NPTI_CENTRE)))
+        if npti_mask == "fixed":
+            rng = _seeded_rng(seed, concept, int(layer), f"npti-{target_pole}")
+            keep = np.sort(rng.choice(idx.size, size=int(round(NPTI_KEEP * idx.size)), replace=False))
+        else:
+            keep = np.arange(idx.size)
         order = np.argsort(idx[keep], kind="stable")
         vectors[int(layer)] = (idx[keep][order], (sign * amount[keep][order]).astype(np.float32))
     clamp = {int(layer): np.sort(g["neuron"].to_numpy(np.int64))
-             for layer, g in selection[pole == opposite_pole].groupby("layer")}  # fmt: skip
+             for layer, g in selection[pole == opposite_pole].groupby("layer") if int(layer) in vectors}  # fmt: skip
     meta = {
-        "npti_keep": NPTI_KEEP,
+        "npti_mask": npti_mask,
+        "npti_keep": 1.0 if npti_mask == "none" else NPTI_KEEP,
         "npti_targets": int(len(targets)),
         "npti_clamped": int(sum(v.size for v in clamp.values())),
+        "keep": NPTI_KEEP if npti_mask == "per-call" else 1.0,
     }
     return vectors, clamp, meta
 
@@ -839,6 +1152,8 @@ def _check_bakeable(edit: Edit) -> None:
             f"Only mlp-site edits (dpnle, dpnle-w, random) fold into a bias; this {edit.method} edit is at "
             f"the {edit.site} site ({'non-linear: it clamps activations' if edit.clamp else 'not the MLP output'})."
         )
+    if edit.stochastic:
+        edit.dense_vectors(0)  # raises: a stochastic edit has no fixed vector to bake
     if edit.clamp:
         raise InputError("An edit that clamps activations is not linear and cannot be baked into a bias.")
     if edit.positions != "all":

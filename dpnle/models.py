@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpnle.errors import DpnleError
 from dpnle.paths import models_cache_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -47,7 +48,7 @@ ALIASES: dict[str, ModelAlias] = {
 }
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RuntimeError, DpnleError):
     pass
 
 

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import platform
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpnle import __version__
+from dpnle.errors import DpnleError
 from dpnle.paths import runs_dir
 
 MANIFEST = "run.json"
 METADATA_KEY = b"dpnle"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(RuntimeError, DpnleError):
     """An artifact is missing, corrupt, or was made by something other than what is asked."""
 
 
@@ -41,7 +43,7 @@ class RunNotFoundError(ArtifactError):
     pass
 
 
-class InputError(ValueError):
+class InputError(ValueError, DpnleError):
     """A parameter value that cannot work (out of range, unknown name); the message names the fix."""
 
 
@@ -276,11 +278,52 @@ def check_writable(path: str | os.PathLike, what: str = "folder") -> Path:
     return path
 
 
-class Run:
-    """A run directory and its manifest."""
+SUITE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-    def __init__(self, path: Path):
+
+def check_suite(suite: str | None) -> str | None:
+    """An evaluation suite's name (None or "" = the run's main evaluation)."""
+    if suite is None or str(suite).strip() == "":
+        return None
+    suite = str(suite).strip()
+    if not SUITE_PATTERN.match(suite):
+        raise InputError(
+            f"Suite name {suite!r} must be a plain name (letters, digits, '.', '_' or '-'; no '/'), "
+            "e.g. paper-capability."
+        )
+    return suite
+
+
+class Run:
+    """A run directory and its manifest.
+
+    A run has one main evaluation (``eval/``, ``report/``) and any number of named evaluation
+    *suites* (``suites/<suite>/eval``, ``suites/<suite>/report``): protocols that evaluate the
+    same localization under other settings (the DPN-LE paper runs its personality, IPIP and
+    capability tables each with its own gamma, mode and position policy). ``Run(path, suite)``
+    is a view of the run whose evaluation folders and edit-eval stage records are the suite's;
+    captures, localizations and the instrument validity checks are shared by all suites.
+    """
+
+    def __init__(self, path: Path, suite: str | None = None):
         self.path = Path(path)
+        self.suite = check_suite(suite)
+
+    def with_suite(self, suite: str | None) -> Run:
+        """This run, seen through evaluation suite ``suite`` (None: the main evaluation)."""
+        return Run(self.path, suite)
+
+    def suites(self) -> list[str]:
+        """The evaluation suites this run holds (folders under ``suites/``)."""
+        folder = self.path / "suites"
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and SUITE_PATTERN.match(p.name))
+
+    @property
+    def eval_stage(self) -> str:
+        """The manifest stage under which this view's edit-eval records its conditions."""
+        return "edit-eval" if self.suite is None else f"edit-eval@{self.suite}"
 
     # -- locations ------------------------------------------------------------------------
     @property
@@ -299,12 +342,22 @@ class Run:
         return self.path / "neurons" / f"{concept}{suffix}.parquet"
 
     @property
+    def _suite_root(self) -> Path:
+        return self.path if self.suite is None else self.path / "suites" / self.suite
+
+    @property
     def eval_dir(self) -> Path:
-        return self.path / "eval"
+        return self._suite_root / "eval"
+
+    @property
+    def validity_dir(self) -> Path:
+        """Instrument validity checks: one set per run, shared by every suite (they depend on the
+        model, instrument and scorer, not on any edit)."""
+        return self.path / "eval" / "validity"
 
     @property
     def report_dir(self) -> Path:
-        return self.path / "report"
+        return self._suite_root / "report"
 
     # -- creation / lookup ------------------------------------------------------------------
     @classmethod
@@ -376,6 +429,14 @@ class Run:
         write_json(self.manifest_path, manifest)
         return manifest
 
+    def record_model(self, loaded: Any) -> dict[str, Any]:
+        """Record the model a stage works with (a :class:`dpnle.models.LoadedModel`) in run.json:
+        its id, the folder or file its weights came from, and its fingerprint (the digest that
+        :func:`load_run_model` and the later stages check). Returns the manifest."""
+        return self.update_manifest(
+            model={"id": loaded.model_id, "source": loaded.source, "fingerprint": loaded.fingerprint}
+        )
+
     def record_stage(self, stage: str, concept: str, status: str, **params: Any) -> None:
         """Record that ``stage`` for ``concept`` is ``status`` (running | done | failed) with ``params``."""
         manifest = self.manifest()
@@ -388,7 +449,44 @@ class Run:
         return self.manifest().get("stages", {}).get(stage, {}).get(concept)
 
     def __repr__(self) -> str:
-        return f"Run({str(self.path)!r})"
+        tail = "" if self.suite is None else f", suite={self.suite!r}"
+        return f"Run({str(self.path)!r}{tail})"
+
+
+def load_run_model(
+    run: Run,
+    dtype: str = "auto",
+    device: str | None = None,
+    device_map: str | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+) -> Any:
+    """Load the model ``run`` was made with (a :class:`dpnle.models.LoadedModel`), and refuse one
+    whose weights differ from those its run.json records (by fingerprint digest).
+
+    A run that records no model, or no fingerprint for it, is refused before anything loads:
+    without the fingerprint nothing says the weights are the run's."""
+    from dpnle import models
+
+    recorded = run.manifest().get("model", {})
+    if not recorded.get("id"):
+        raise ArtifactError(f"{run.manifest_path} names no model; run `dpnle collect-activations` first.")
+    expected = (recorded.get("fingerprint") or {}).get("digest")
+    if not expected:
+        # A missing provenance field is a refusal: without it nothing says the weights are the run's.
+        raise ArtifactError(
+            f"{run.manifest_path} records no fingerprint for model {recorded['id']!r}, so the model cannot be checked "
+            f"against the one run {run.name} was made with. Run `dpnle collect-activations --run {run.name} ...` "
+            "(it records the fingerprint), or start a new run."
+        )
+    loaded = models.load_model(recorded["id"], dtype=dtype, device=device, device_map=device_map,
+                               max_memory=max_memory, offload_folder=offload_folder)
+    if loaded.fingerprint.get("digest") != expected:
+        raise ArtifactError(
+            f"The model now loaded as {recorded['id']!r} (digest {loaded.fingerprint.get('digest')}) is not the one "
+            f"run {run.name} was made with (digest {expected}). Restore that model, or start a new run."
+        )
+    return loaded
 
 
 def list_runs(root: Path | None = None) -> list[Run]:

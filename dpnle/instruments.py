@@ -240,11 +240,11 @@ def load_instrument(name: str) -> Instrument:
     from dpnle import datasets
 
     key = name.strip().lower()
-    if key in ("ipip120", "ipip300", "ipip300-test"):
+    if key in ("ipip120", "ipip300", "ipip300-test", "ipip300-train"):
         if key == "ipip120":
             source = datasets.load_ipip120()
         else:
-            source = datasets.load_ipip300("test" if key == "ipip300-test" else "all")
+            source = datasets.load_ipip300({"ipip300-test": "test", "ipip300-train": "train"}.get(key, "all"))
         items = tuple(
             InstrumentItem(it.id, it.domain, int(it.key), it.text, ipip_statement(it.text)) for it in source
         )
@@ -256,6 +256,24 @@ def load_instrument(name: str) -> Instrument:
         )
         return Instrument(key, items, PVQ_SCALE)
     raise ValueError(f"Unknown instrument {name!r}; choose one of {', '.join(INSTRUMENTS)}.")
+
+
+# Held-out items: the instrument whose items the validity check of an instrument reads, where
+# they differ. IPIP-300's 180 test items (DPN-LE's held-out split) are checked on the split's 120
+# train items, so the one choice made from questionnaire answers (which scorer is valid, and so
+# which scores a table reports) never sees the items the effects are reported on. The other
+# instruments are checked on their own items, and tables say so.
+VALIDITY_ITEMS = {"ipip300-test": "ipip300-train"}
+
+
+def validity_items(instrument: str) -> str:
+    """The instrument whose items the validity check of ``instrument`` reads."""
+    return VALIDITY_ITEMS.get(instrument, instrument)
+
+
+def held_out(instrument: str) -> bool:
+    """Are ``instrument``'s items disjoint from those its validity check (the scorer choice) read?"""
+    return validity_items(instrument) != instrument
 
 
 def _as_instrument(instrument: str | Instrument) -> Instrument:

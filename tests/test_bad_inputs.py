@@ -61,7 +61,7 @@ def captured(tmp_path_factory):
     model, tokenizer = tiny_llama()
     loaded = LoadedModel(model, tokenizer, "tiny-llama", "memory", model_fingerprint(model, tokenizer, "tiny-llama"))
     run = Run.create_or_open("r", "tiny-llama", root=tmp_path_factory.mktemp("template"))
-    run.update_manifest(model={"id": "tiny-llama", "fingerprint": loaded.fingerprint})
+    run.record_model(loaded)
     collect_concept(run, loaded, "openness", pairs=tiny_pairs(6), batch_size=6, progress=False)
     return run.path
 
@@ -348,10 +348,10 @@ def test_unknown_config_key_names_the_valid_ones(capsys, runs, tmp_path):
     config = write_config(tmp_path, "localize:\n  quantlie: 0.5\n")
     line = error_line(*run_cli(["localize", "--trait", "openness", "-c", config], capsys))
     assert "Valid options: all_captured, all_traits, all_values, d_threshold, layer, layers, method, model, " \
-           "quantile, run, trait, value." in line
+           "npti_selection, quantile, run, trait, value." in line
     config = write_config(tmp_path, "collect_activations:\n  num_pairs: 5\n")
     line = error_line(*run_cli(["localize", "--trait", "openness", "-c", config], capsys))
-    assert "Sections: collect-activations, data, edit-eval, export, leakage-report, localize," in line
+    assert "Sections: collect-activations, data, edit-eval, export, import-npti, leakage-report, localize," in line
 
 
 @pytest.mark.parametrize("make, expected", [
@@ -406,7 +406,7 @@ def test_edit_options_refused_before_the_model_loads(capsys, runs, option, value
 @pytest.mark.parametrize("args, expected", [
     (["--capability-limit", "-5"], "--capability-limit must be 0 (all items) or a positive count, not -5."),
     (["--open-ended-limit", "-1"], "--open-ended-limit must be 0 (all items) or a positive count, not -1."),
-    (["--gammas", "1,,2"], "--gammas '1,,2' has an empty item; pass e.g. --gammas 0.5,1,1.5."),
+    (["--gammas", "1,,2"], "--gammas '1,,2' has an empty item; pass e.g. --gammas 0.5,1,1.5 or --gammas dpnle=0.8,npti=1.4."),
     (["--gammas", "1,"], "--gammas '1,' has an empty item"),
     (["--directions", "up,"], "--directions 'up,' has an empty item; pass e.g. --directions up,down."),
     (["--methods", "dpnle,,none"], "--methods 'dpnle,,none' has an empty item"),
@@ -418,8 +418,13 @@ def test_values_that_cannot_mean_what_they_say(capsys, runs, args, expected):
 
 
 def test_an_unpinned_fetch_is_not_called_verified(capsys, monkeypatch):
+    import dataclasses
+
     from dpnle import datasets
 
+    # The search files are pinned by git blob id now; an entry without any digest is simulated.
+    entry = datasets.REGISTRY["pb-search-openness"]
+    monkeypatch.setitem(datasets.REGISTRY, entry.name, dataclasses.replace(entry, git_blob=None))
     fetched = []
     monkeypatch.setattr(datasets, "fetch", lambda name, force=False: fetched.append(name) or "/tmp/x")
     code, out = run_cli(["data", "fetch", "pb-search-openness", "mpi120"], capsys)

@@ -564,9 +564,10 @@ def write_npti_selection(run: Run, concept="openness", seed=0, layers=(1, 2), wi
 
 def test_npti_edit_mask_formula_and_clamp(run, llama):
     frame = write_npti_selection(run)
-    up = build_edit(run, "openness", "npti", "up", seed=3)
-    assert up.site == "gate"
-    assert per_layer(up).keys() == per_layer(build_edit(run, "openness", "npti", "up", seed=3)).keys()
+    up = build_edit(run, "openness", "npti", "up", seed=3, npti_mask="fixed")
+    assert up.site == "gate" and up.keep == 1.0 and up.meta["npti_mask"] == "fixed"
+    assert per_layer(up).keys() == per_layer(build_edit(run, "openness", "npti", "up", seed=3,
+                                                        npti_mask="fixed")).keys()
     for layer, (idx, delta) in per_layer(up).items():
         rows = frame[(frame["layer"] == layer) & (frame["pole"] == "high")].set_index("neuron")
         assert idx.size == round(0.9 * len(rows)) and set(idx) <= set(rows.index)
@@ -574,10 +575,23 @@ def test_npti_edit_mask_formula_and_clamp(run, llama):
         np.testing.assert_allclose(delta, expected, rtol=1e-6)
         lows = frame[(frame["layer"] == layer) & (frame["pole"] == "low")]["neuron"]
         np.testing.assert_array_equal(up.clamp[layer].numpy(), np.sort(lows))
-        same = per_layer(build_edit(run, "openness", "npti", "up", seed=3))[layer][0]
+        same = per_layer(build_edit(run, "openness", "npti", "up", seed=3, npti_mask="fixed"))[layer][0]
         np.testing.assert_array_equal(idx, same)
-    other = per_layer(build_edit(run, "openness", "npti", "up", seed=4))
+    other = per_layer(build_edit(run, "openness", "npti", "up", seed=4, npti_mask="fixed"))
     assert any(not np.array_equal(other[k][0], per_layer(up)[k][0]) for k in other)
+    # "none" and the default "per-call" keep every target in the vectors; per-call is stochastic.
+    every = build_edit(run, "openness", "npti", "up", seed=3, npti_mask="none")
+    per_call = build_edit(run, "openness", "npti", "up", seed=3)
+    assert every.keep == 1.0 and per_call.keep == 0.9 and per_call.meta["keep_seed"] == 3
+    assert per_call.summary()["keep"] == 0.9 and per_call.summary()["npti_mask"] == "per-call"
+    for layer, (idx, _) in per_layer(every).items():
+        highs = frame[(frame["layer"] == layer) & (frame["pole"] == "high")]["neuron"]
+        np.testing.assert_array_equal(idx, np.sort(highs))
+        np.testing.assert_array_equal(per_layer(per_call)[layer][0], idx)
+    with pytest.raises(ValueError, match="stochastic"):
+        per_call.dense_vectors(INTERMEDIATE)
+    with pytest.raises(ValueError, match="Unknown NPTI mask"):
+        build_edit(run, "openness", "npti", "up", npti_mask="sometimes")
     down = build_edit(run, "openness", "npti", "down")
     # Down: LOW targets, stored toward the concept (negative) with sign -1: a net increase.
     assert down.sign == -1 and all((d < 0).all() for _, d in per_layer(down).values())

@@ -29,6 +29,56 @@ def test_bad_settings_name_the_choices(bad):
         ev.EvalConfig(**bad)
 
 
+def test_per_method_gammas():
+    assert ev.parse_gammas("0.8,1") == {"*": (0.8, 1.0)}
+    spec = ev.parse_gammas("dpnle=0.8,dpnle-w=0.8,npti=1.4,random=0.8")
+    assert spec == {"dpnle": (0.8,), "dpnle-w": (0.8,), "npti": (1.4,), "random": (0.8,)}
+    config = ev.EvalConfig(methods=["dpnle", "dpnle-w", "npti", "random", "none"], directions=["up"], gammas=spec,
+                           random_draws=1)
+    keys = [c.key for c in ev.conditions(config)]
+    assert keys == ["dpnle-up-g0.8", "dpnle-w-up-g0.8", "npti-up-g1.4", "random-up-g0.8-s0", "none"]
+    # Unnamed values serve the methods not named; a method named twice gets both values.
+    mixed = ev.EvalConfig(methods=["dpnle", "npti"], directions=["up"], gammas=ev.parse_gammas("1,npti=1.4,npti=1"))
+    assert [c.key for c in ev.conditions(mixed)] == ["dpnle-up-g1", "npti-up-g1.4", "npti-up-g1"]
+    assert mixed.gammas_for("dpnle") == (1.0,) and mixed.gammas_for("npti") == (1.4, 1.0)
+    # The same config through its dict (as the suites rebuild one) gives the same conditions.
+    again = ev.EvalConfig(**{**config.__dict__})
+    assert [c.key for c in ev.conditions(again)] == keys
+    with pytest.raises(ev.EvalError, match="No edit strength for npti"):
+        ev.EvalConfig(methods=["dpnle", "npti"], gammas=ev.parse_gammas("dpnle=0.8"))
+    with pytest.raises(ev.EvalError, match="not among the methods"):
+        ev.EvalConfig(methods=["dpnle"], gammas=ev.parse_gammas("1,npti=1.4"))
+    with pytest.raises(ev.EvalError, match="takes no edit strength"):
+        ev.EvalConfig(methods=["dpnle", "prompt"], gammas=ev.parse_gammas("1,prompt=1"))
+    with pytest.raises(ev.EvalError, match="not a number"):
+        ev.parse_gammas("dpnle=high")
+    with pytest.raises(ev.EvalError, match="finite"):
+        ev.EvalConfig(methods=["npti"], gammas=ev.parse_gammas("npti=nan"))
+
+
+def test_npti_mask_is_a_condition_setting():
+    with_npti = ev.EvalConfig(methods=["npti", "none"], npti_mask="none")
+    assert with_npti.condition_settings()["npti_mask"] == "none"
+    assert ev.EvalConfig(methods=["npti"]).condition_settings()["npti_mask"] == "per-call"  # NPTI as published
+    # A run without NPTI keeps the settings (and digests) it had before the option existed.
+    assert "npti_mask" not in ev.EvalConfig(methods=["dpnle", "none"]).condition_settings()
+    with pytest.raises(ev.EvalError, match="Unknown NPTI mask"):
+        ev.EvalConfig(methods=["npti"], npti_mask="sometimes")
+
+
+def test_paper_table_keeps_each_methods_gamma():
+    rows = []
+    for method, gamma, neurons in (("none", 0.0, 0), ("dpnle", 0.8, 10), ("npti", 1.4, 50)):
+        for direction in (("-",) if method == "none" else ("up", "down")):
+            rows.append({"concept": "openness", "method": method, "gamma": gamma, "direction": direction,
+                         "benchmark": "gsm8k", "scorer": "accuracy", "target": False, "num_neurons": neurons,
+                         "mean": 0.5, "delta": -0.1 if method == "npti" else -0.02, "valid": np.nan})
+    table = ev.paper_table(pd.DataFrame(rows), kind="capability")
+    assert list(table["method"]) == ["dpnle", "npti", "none"]
+    assert list(table["gamma"]) == ["0.8", "1.4", ""]
+    assert table.loc[table["method"] == "npti", "gsm8k change"].iloc[0] == "up -0.100 / down -0.100"
+
+
 def test_paired_effect_matches_scipy():
     rng = np.random.default_rng(0)
     base = pd.Series(rng.normal(size=30), index=[f"i{k}" for k in range(30)])
@@ -51,7 +101,7 @@ def tiny_run(tmp_path_factory, mirror_available_module):
     model, tokenizer = tiny_llama()
     loaded = LoadedModel(model, tokenizer, "tiny-llama", "memory", model_fingerprint(model, tokenizer, "tiny-llama"))
     run = Run.create_or_open("tiny", "tiny-llama", root=tmp_path_factory.mktemp("runs"))
-    run.update_manifest(model={"id": "tiny-llama", "fingerprint": loaded.fingerprint})
+    run.record_model(loaded)
     collect_concept(run, loaded, "openness", pairs=tiny_pairs(12), batch_size=8, progress=False)
     localize_concept(run, "openness", quantile=0.9, d_threshold=0.2, layers="all")
     return run, loaded
@@ -106,6 +156,36 @@ def test_edit_eval_end_to_end_resumes_and_summarizes(tiny_run):
     table = ev.paper_table(third.summary)
     assert list(table["method"]) == ["dpnle", "random", "prompt", "none"]
     assert "| concept | method | neurons |" in ev.to_markdown(table)
+
+
+def test_edit_eval_npti_from_published_lists_with_per_method_gammas(tiny_run, tmp_path):
+    import json
+
+    from dpnle.npti_lists import import_npti_lists
+
+    run, loaded = tiny_run
+    high = {"1": [[1, 3, 0.4, 0.8, 2.0], [1, 9, 0.2, 0.6, 1.0]], "2": [[2, 5, 0.3, 0.7, 1.5]]}
+    low = {"1": [[1, 4, 0.3, 0.7, 1.2]], "2": [[2, 6, 0.5, 0.9, 0.8]]}
+    paths = []
+    for name, lists in (("Openness_dict.json", high), ("Openness_reversed_dict.json", low)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(lists))
+    import_npti_lists(run, "openness", *paths, overwrite=True)
+    config = ev.EvalConfig(methods=["dpnle", "npti", "none"], directions=["up"], benchmarks=["neutral"],
+                           gammas=ev.parse_gammas("dpnle=0.8,npti=1.4"), batch_size=8)
+    first = ev.evaluate_concept(run, loaded, "openness", config, log=lambda m: None)
+    assert first.computed == ["dpnle-up-g0.8", "npti-up-g1.4", "none"]
+    rows = ev.load_eval(run, "openness")
+    npti_kl = rows[(rows["condition"] == "npti-up-g1.4") & (rows["scorer"] == "kl")]["score"].item()
+    assert npti_kl > 0.0 and rows[rows["condition"] == "npti-up-g1.4"]["num_neurons"].iloc[0] == 3
+    # Another NPTI mask is another setting: the conditions are recomputed, not reused.
+    other = ev.evaluate_concept(run, loaded, "openness", ev.EvalConfig(**{**config.__dict__, "npti_mask": "none"}),
+                                log=lambda m: None)
+    assert "npti-up-g1.4" in other.computed
+    assert ev.evaluate_concept(run, loaded, "openness", ev.EvalConfig(**{**config.__dict__, "npti_mask": "none"}),
+                               log=lambda m: None).computed == []
+    table = ev.paper_table(other.summary)
+    assert dict(zip(table["method"], table["gamma"], strict=True)) == {"dpnle": "0.8", "npti": "1.4", "none": ""}
 
 
 def test_unedited_scores_are_computed_once_per_process(tiny_run, monkeypatch):

@@ -1,0 +1,81 @@
+"""The paper presets (configs/paper/*.yaml) against the reference scripts' own settings.
+
+The expected values are transcribed from the reference repositories' scripts (argparse
+defaults and constants), read at DPN-LE 3fb5e72 and NPTI 630d2a2:
+
+- DPN-LE experiments/personality_bench/evaluate.py: --method weighted, --neuron_mode both,
+  --gamma 1.0; DPNLEInference edits generated tokens only (apply_on_prompt=False).
+- DPN-LE experiments/ipip_neo/evaluate.py: --method weighted, --neuron_mode directional, --gamma 1.0.
+- DPN-LE experiments/general_capability/evaluate_vllm.py: weighted, both, --gamma 0.8, decode steps.
+- DPN-LE experiments/npti_general_capability/evaluate_vllm.py: --gamma 1.4, no mask, decode steps.
+- NPTI NPTI/code/answer_question_change_neuron.py: val in 0.6 ... 1.5, mask rand <= 0.9 per call.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpnle import evaluate as ev
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ROOT / "configs" / "paper"
+
+
+def _config(name: str) -> ev.EvalConfig:
+    section = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())["edit-eval"]
+    gammas = ev.parse_gammas(str(section["gammas"]))
+    return ev.EvalConfig(
+        methods=section["methods"].split(","), directions=section["directions"].split(","), gammas=gammas,
+        benchmarks=section["benchmarks"].split(","), mode=section["mode"], positions=section["positions"],
+        npti_mask=section.get("npti_mask", "per-call"), random_draws=section.get("random_draws", 2),
+        scorers=section.get("scorers", "likert,statement").split(","),
+    )
+
+
+def test_personality_preset_is_the_reference_protocol():
+    config = _config("personality")
+    assert config.gammas_for("dpnle-w") == (1.0,)
+    assert config.gammas_for("npti") == pytest.approx(tuple(round(0.6 + 0.1 * i, 1) for i in range(10)))
+    assert (config.mode, config.positions, config.npti_mask) == ("both", "generated", "per-call")
+    assert list(config.benchmarks) == ["personalitybench"]
+
+
+def test_ipip_preset_is_directional_dpnle_w_at_gamma_one_with_a_null():
+    config = _config("ipip")
+    assert config.gammas_for("dpnle-w") == (1.0,) and config.mode == "directional"
+    assert config.positions == "all"  # a likelihood readout: see the preset's comment and the README
+    assert config.random_draws >= ev.MIN_NULL_DRAWS
+    assert "ipip300-test" in config.benchmarks and "neutral" in config.benchmarks
+
+
+def test_capability_preset_is_dpnle_w_08_against_npti_14_unmasked():
+    config = _config("capability")
+    assert config.gammas_for("dpnle-w") == (0.8,) and config.gammas_for("npti") == (1.4,)
+    assert (config.mode, config.positions, config.npti_mask) == ("both", "generated", "none")
+    assert set(config.benchmarks) == {"gsm8k", "hotpotqa"}
+
+
+def test_every_preset_names_its_own_suite_and_passes_the_config_check():
+    import typer
+
+    from dpnle.cli import app, check_config, load_config
+
+    command = typer.main.get_command(app)
+    suites = set()
+    for path in sorted(PRESETS.glob("*.yaml")):
+        config = load_config(path)
+        check_config(command, config, path)  # every key is an edit-eval option
+        suites.add(config["edit-eval"]["suite"])
+    assert suites == {"paper-personality", "paper-ipip", "paper-capability"}
+
+
+def test_make_paper_tables_runs_every_preset():
+    out = subprocess.run(["make", "-n", "paper-run", "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert "--pair-sampling reference" in out and "--npti-protocol reference" in out
+    assert "--npti-selection reference" in out
+    assert "for preset in personality ipip capability" in out

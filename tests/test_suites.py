@@ -1,0 +1,91 @@
+"""Evaluation suites: several edit-eval protocols of one run, side by side."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dpnle import evaluate as ev
+from dpnle.collect import collect_concept
+from dpnle.localize import localize_concept
+from dpnle.models import LoadedModel, model_fingerprint
+from dpnle.runs import InputError, Run, check_suite
+from tests.helpers import tiny_llama, tiny_pairs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if not os.environ.get("DPNLE_DATA_MIRROR"):
+        pytest.skip("needs the dataset mirror (DPNLE_DATA_MIRROR=../shared/datasets)")
+    torch.manual_seed(0)
+    model, tokenizer = tiny_llama()
+    loaded = LoadedModel(model, tokenizer, "tiny-llama", "memory", model_fingerprint(model, tokenizer, "tiny-llama"))
+    run = Run.create_or_open("suites", "tiny-llama", root=tmp_path_factory.mktemp("runs"))
+    run.record_model(loaded)
+    collect_concept(run, loaded, "openness", pairs=tiny_pairs(12), batch_size=8, progress=False)
+    localize_concept(run, "openness", quantile=0.9, d_threshold=0.2, layers="all")
+    return run, loaded
+
+
+def test_suite_names_are_checked():
+    assert check_suite(None) is None and check_suite("") is None
+    assert check_suite("paper-capability") == "paper-capability"
+    for bad in ("../eval", "a/b", "-x", "x" * 65):
+        with pytest.raises(InputError, match="plain name"):
+            check_suite(bad)
+
+
+def test_suites_keep_their_own_current_conditions(tiny_run):
+    run, loaded = tiny_run
+    main = ev.EvalConfig(methods=["dpnle", "none"], directions=["up"], benchmarks=["ipip120", "neutral"],
+                         scorers=["statement"], limit=2, validity_personas=1, batch_size=8)
+    logs: list[str] = []
+    ev.evaluate_concept(run, loaded, "openness", main, log=logs.append)
+    assert any("validity check" in line for line in logs)
+
+    # Another protocol in a suite: other gamma and positions. The validity check is shared.
+    suite = run.with_suite("other")
+    other = ev.EvalConfig(**{**main.__dict__, "gammas": (2.0,), "mode": "directional"})
+    logs.clear()
+    result = ev.evaluate_concept(suite, loaded, "openness", other, log=logs.append)
+    assert not any("validity check" in line for line in logs)
+    assert result.computed == ["dpnle-up-g2", "none"]
+    assert suite.eval_dir == run.path / "suites" / "other" / "eval"
+    assert suite.report_dir == run.path / "suites" / "other" / "report"
+    assert run.suites() == ["other"]
+
+    # Each view reads its own current conditions; neither made the other's stale.
+    assert sorted(ev.load_eval(run)["condition"].unique()) == ["dpnle-up-g1", "none"]
+    assert sorted(ev.load_eval(suite)["condition"].unique()) == ["dpnle-up-g2", "none"]
+    assert all(f.status == "current" for f in ev.condition_files(run))
+    assert all(f.status == "current" for f in ev.condition_files(suite))
+    manifest = run.manifest()["stages"]
+    assert manifest["edit-eval"]["openness"]["settings"]["mode"] == "both"
+    assert manifest["edit-eval@other"]["openness"]["settings"]["mode"] == "directional"
+
+    # A suite never evaluated: an error naming the suite's command.
+    with pytest.raises(Exception, match="--suite nothing"):
+        ev.load_eval(run.with_suite("nothing"))
+
+
+def _cli(args: list[str]) -> int:
+    from dpnle.cli import main
+
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_tables_read_one_suite_and_compare_at_matched_cost(tiny_run, capsys):
+    run, _ = tiny_run
+    assert _cli(["tables", "--run", str(run.path), "--suite", "other", "--kind", "matched"]) == 0
+    out = capsys.readouterr().out
+    assert "matched cost" in out and "| openness | ipip120 | statement | up |" in out
+    assert _cli(["tables", "--run", str(run.path), "--kind", "personality"]) == 0
+    assert "dpnle" in capsys.readouterr().out
+    assert _cli(["tables", "--run", str(run.path), "--kind", "nonsense"]) == 2
+    assert "--kind 'nonsense'" in capsys.readouterr().err

@@ -29,7 +29,8 @@ MODEL ?= smollm2-135m-instruct
 RUN ?= demo
 DEMO_PAIRS ?= 64
 DEMO_ITEMS ?= 6
-DEMO_EVAL := --methods dpnle,random,prompt,none --random-draws 1 --benchmarks ipip120,neutral \
+DEMO_DRAWS ?= 1
+DEMO_EVAL := --methods dpnle,random,prompt,none --random-draws $(DEMO_DRAWS) --benchmarks ipip300-test,neutral \
 	--scorers likert,statement --limit $(DEMO_ITEMS) --validity-personas 2
 PYTEST_ARGS ?=
 
@@ -116,7 +117,7 @@ demo-values: setup
 	$(DPNLE) data fetch pvq
 	$(DPNLE) collect-activations --model $(MODEL) --run $(RUN)-values --all-values --num-pairs $(DEMO_PAIRS)
 	$(DPNLE) localize --run $(RUN)-values --all
-	$(DPNLE) edit-eval --run $(RUN)-values --all-values $(subst ipip120,pvq40,$(DEMO_EVAL))
+	$(DPNLE) edit-eval --run $(RUN)-values --all-values $(subst ipip300-test,pvq40,$(DEMO_EVAL))
 	$(DPNLE) leakage-report --run $(RUN)-values
 
 # Paper tables (DPN-LE's layout) for MODEL, with the reference implementations' settings: runs

@@ -452,16 +452,20 @@ def edit_eval(
     run: RunOpt = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Pick the latest run of this model.")] = None,
     methods: Annotated[str, typer.Option(help="Comma list of: dpnle, dpnle-w, npti, caa, random (size-matched "
-                                              "random neurons, the control), prompt (persona in the prompt), "
-                                              "none.")] = "dpnle,random,prompt,none",
+                                              "random neurons outside the DPN-LE set, the control), random-mag "
+                                              "(magnitude-only null: as many neurons drawn from those passing the "
+                                              "|delta| quantile cut alone, with their own deltas), prompt (persona "
+                                              "in the prompt), none.")] = "dpnle,random,prompt,none",
     directions: Annotated[str, typer.Option(help="Comma list of up (raise the concept) and down.")] = "up,down",
     gammas: Annotated[str, typer.Option(help="Comma list of edit strengths (DPN-LE: 1.0; 0.8 for capability), for "
                                              "every method, or per method: dpnle=0.8,dpnle-w=0.8,npti=1.4,random=0.8 "
                                              "(the DPN-LE paper's capability table); methods not named use the "
                                              "unnamed values.")] = "1",
-    benchmarks: Annotated[str, typer.Option(help="Comma list of: ipip120, ipip300-test, ipip300, pvq40, gsm8k, "
+    benchmarks: Annotated[str | None, typer.Option(help="Comma list of: ipip120, ipip300-test, ipip300, pvq40, gsm8k, "
                                                  "mmlu, arc, hellaswag, truthfulqa, hotpotqa, neutral (KL and "
-                                                 "perplexity on neutral text), personalitybench.")] = "ipip120,neutral",
+                                                 "perplexity on neutral text), personalitybench. Default: traits on "
+                                                 "IPIP-300's 180 held-out items (ipip300-test; the validity check reads "
+                                                 "the other 120), values on pvq40, and neutral.")] = None,
     scorers: Annotated[str, typer.Option(help="Questionnaire scorers: likert, statement, yesno.")] = "likert,statement",
     limit: Annotated[int | None, typer.Option(help="Questionnaire items per trait/value (default: all).")] = None,
     capability_limit: Annotated[int, typer.Option(help="Items per capability benchmark (seeded subset); 0 = all.")] = 100,
@@ -477,7 +481,7 @@ def edit_eval(
                                                 "none (every target: DPN-LE's re-implementation) or fixed (one "
                                                 "seeded subset).")] = "per-call",
     suite: SuiteOpt = None,
-    random_draws: Annotated[int, typer.Option(help="Independent random-neuron controls per setting.")] = 2,
+    random_draws: Annotated[int, typer.Option(help="Draws of each random null (random, random-mag) per setting: the nulls each DPN-LE change is tested against (p >= 1/(N+1)).")] = 20,
     validity_personas: Annotated[int, typer.Option(help="High and low persona prompts per concept in the "
                                                         "instrument validity check.")] = 4,
     all_scorers: Annotated[bool, typer.Option(help="Score conditions with every scorer, not only those that "
@@ -503,6 +507,10 @@ def edit_eval(
         if count < 0:
             raise InputError(f"{option} must be 0 (all items) or a positive count, not {count}.")
     concepts = _concepts(trait, value, all_traits, all_values)
+    if benchmarks is None:
+        kinds = {concept.kind for concept in concepts}
+        benchmarks = ",".join([*(["ipip300-test"] if "trait" in kinds else []),
+                               *(["pvq40"] if "value" in kinds else []), "neutral"])
     eval_config = ev.EvalConfig(
         methods=_csv(methods, "--methods"), directions=_csv(directions, "--directions"),
         gammas=ev.parse_gammas(gammas), npti_mask=npti_mask, benchmarks=_csv(benchmarks, "--benchmarks"),

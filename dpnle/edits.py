@@ -86,11 +86,14 @@ from dpnle.runs import (
     Run,
     atomic_path,
     now,
+    parquet_metadata,
     read_parquet,
     write_json,
 )
 
-EDIT_METHODS = ("dpnle", "dpnle-w", "npti", "caa", "random", "prompt", "none")
+EDIT_METHODS = ("dpnle", "dpnle-w", "npti", "caa", "random", "random-mag", "prompt", "none")
+# The random nulls of the DPN-LE edit: one condition per seed (edit-eval draws them N times).
+RANDOM_METHODS = ("random", "random-mag")
 # Methods the evaluator runs without hooks: build_edit returns None for them.
 HOOKLESS_METHODS = ("prompt", "none")
 POSITIONS = ("all", "prompt", "generated")
@@ -870,6 +873,9 @@ def build_edit(
       (its IPIP protocol) does.
     - ``dpnle-w``: the same, delta times the DPN-LE_w weight (ranked over the edited set).
     - ``random``: the size-matched control (see :func:`random_control_vectors`).
+    - ``random-mag``: the magnitude-only null: as many neurons per layer, drawn from those that
+      pass DPN-LE's |delta| quantile cut alone, edited with their own deltas by the DPN-LE rule
+      (see :func:`magnitude_null_vectors`).
     - ``npti``: gate site; see :func:`npti_vectors`. ``npti_mask`` (``per-call``, the default:
       NPTI's fresh Bernoulli(0.9) keep-mask per forward call, seeded by ``seed``; ``none``;
       ``fixed``) picks how the kept share of the targets is drawn.
@@ -891,6 +897,12 @@ def build_edit(
         site = "mlp"
     elif method == "random":
         vectors = random_control_vectors(run, concept, direction, mode=mode, seed=seed)
+        site = "mlp"
+    elif method == "random-mag":
+        frame, quantile = magnitude_frame(run, concept)
+        drawn = magnitude_null_selection(frame, quantile, direction, mode=mode, seed=seed, concept=concept)
+        vectors = selection_vectors(drawn, direction, mode=mode)
+        meta.update(null="magnitude-only", quantile=quantile)
         site = "mlp"
     elif method == "npti":
         vectors, clamp, npti_meta = npti_vectors(run, concept, direction, seed=seed, npti_mask=npti_mask)
@@ -1066,6 +1078,105 @@ def random_control_vectors(run: Run, concept: str, direction: str, mode: str = "
     return vectors
 
 
+def magnitude_frame(run: Run, concept: str) -> tuple[pd.DataFrame, float]:
+    """The DPN-LE neurons file of ``concept`` (every neuron of the chosen layers: layer, neuron,
+    delta, selected, pole) and the quantile its magnitude criterion used (the localize stage's
+    ``parameters.quantile`` in the file's metadata). Checked like every DPN-LE edit's source
+    (:func:`dpnle.localize.load_selection`: the run's model, the capture's pairs)."""
+    _selection(run, concept, "dpnle")  # refuses a missing, unreadable or foreign neurons file
+    path = run.neurons_path(concept, "dpnle")
+    command = f"dpnle localize --run {run.name} {cli_flag(concept)}"
+    quantile = (parquet_metadata(path).get("parameters") or {}).get("quantile")
+    try:
+        q = float(quantile)
+    except (TypeError, ValueError):
+        q = math.nan
+    if not 0.0 < q < 1.0:
+        raise ArtifactError(
+            f"{path} does not record the |delta| quantile its selection used (metadata parameters.quantile is "
+            f"{quantile!r}), so the magnitude-only null (random-mag) cannot rebuild the magnitude criterion. "
+            f"Run `{command}` again."
+        )
+    frame = read_parquet(path)
+    missing = {"layer", "neuron", "delta", "selected", "pole"} - set(frame.columns)
+    if missing:
+        raise ArtifactError(f"{path} lacks columns {sorted(missing)}, which random-mag needs. Run `{command}` again.")
+    return frame, q
+
+
+def magnitude_passers(frame: pd.DataFrame, quantile: float) -> np.ndarray:
+    """bool per row of a DPN-LE neurons frame: ``|delta| > quantile(|delta| of its layer, q)``,
+    DPN-LE's magnitude criterion alone, computed as :func:`dpnle.localize.select_dpnle` does
+    (numpy's default linear interpolation over every neuron of the layer; strict)."""
+    layer = frame["layer"].to_numpy(dtype=np.int64)
+    abs_delta = np.abs(frame["delta"].to_numpy(dtype=np.float64))
+    passes = np.zeros(len(frame), dtype=bool)
+    for value in np.unique(layer):
+        rows = layer == value
+        passes[rows] = abs_delta[rows] > np.quantile(abs_delta[rows], quantile)
+    return passes
+
+
+def magnitude_null_selection(
+    frame: pd.DataFrame, quantile: float, direction: str, mode: str = "both", seed: int = 0, concept: str = ""
+) -> pd.DataFrame:
+    """One draw of the magnitude-only null of the DPN-LE edit (``direction``, ``mode``), as a
+    selection frame (layer, neuron, delta, cohens_d, selected, pole) of the drawn neurons alone.
+
+    ``frame``: a DPN-LE neurons frame with every neuron of the chosen layers (what
+    :func:`dpnle.localize.select_dpnle` returns) and ``quantile`` its |delta| quantile. Per layer
+    the DPN-LE edit touches, as many neurons as it touches there are drawn uniformly without
+    replacement from the layer's magnitude passers (:func:`magnitude_passers`), selected by DPN-LE
+    or not; in mode "directional" only from those whose delta has the edited pole's sign (delta > 0
+    to raise, HIGH; delta < 0 to lower, LOW). Each drawn neuron keeps its own delta and gets the
+    pole of its sign, so :func:`selection_vectors` edits them by DPN-LE's rule: the edit DPN-LE
+    would make had it chosen them by magnitude alone. The draw depends on (seed, concept, layer)
+    only (stream ``random-mag``): the same seed gives the same neurons.
+    """
+    sign = direction_sign(direction)
+    if mode not in MODES:
+        raise InputError(f"Unknown edit mode {mode!r}; choose one of {', '.join(MODES)}.")
+    selected = frame["selected"].to_numpy(dtype=bool)
+    target = selection_vectors(frame[selected], direction, mode=mode)
+    layer_col = frame["layer"].to_numpy(dtype=np.int64)
+    neuron_col = frame["neuron"].to_numpy(dtype=np.int64)
+    delta_col = frame["delta"].to_numpy(dtype=np.float64)
+    eligible = magnitude_passers(frame, quantile)
+    if mode == "directional":
+        eligible &= delta_col > 0 if sign > 0 else delta_col < 0
+    pole_name = "HIGH" if sign > 0 else "LOW"
+    what = "magnitude passers" + (f" with the {pole_name} pole's sign" if mode == "directional" else "")
+    picked: list[np.ndarray] = []
+    for layer, (idx, _) in sorted(target.items()):
+        k = int(idx.size)
+        pool = np.unique(neuron_col[(layer_col == layer) & eligible])
+        if pool.size < k or not np.isin(idx, pool).all():
+            raise ArtifactError(
+                f"Layer {layer} has {pool.size} {what} (|delta| above the layer's {quantile:g} quantile), but the "
+                f"DPN-LE edit touches {k} neurons there{'' if pool.size < k else ', not all of them among these'}: "
+                "the recorded quantile does not reproduce the selection. Run `dpnle localize` again."
+            )
+        rng = _seeded_rng(seed, concept, layer, "random-mag")
+        chosen = np.sort(rng.choice(pool, size=k, replace=False))
+        picked.append(np.flatnonzero(np.isin(neuron_col, chosen) & (layer_col == layer)))
+    rows = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+    drawn = delta_col[rows]
+    return pd.DataFrame({
+        "layer": layer_col[rows], "neuron": neuron_col[rows], "delta": drawn,
+        "cohens_d": frame["cohens_d"].to_numpy(dtype=np.float64)[rows] if "cohens_d" in frame else np.nan,
+        "selected": np.ones(rows.size, dtype=bool),
+        "pole": pd.array(np.where(drawn > 0, "high", "low"), dtype="string"),
+    })
+
+
+def magnitude_null_vectors(run: Run, concept: str, direction: str, mode: str = "both", seed: int = 0) -> NumpyVectors:
+    """The ``random-mag`` edit of a run: the magnitude-only null of the DPN-LE edit (``direction``,
+    ``mode``), drawn with ``seed`` (see :func:`magnitude_null_selection`)."""
+    frame, quantile = magnitude_frame(run, concept)
+    drawn = magnitude_null_selection(frame, quantile, direction, mode=mode, seed=seed, concept=concept)
+    return selection_vectors(drawn, direction, mode=mode)
+
+
 def npti_vectors(
     run: Run, concept: str, direction: str, seed: int = 0, npti_mask: str = NPTI_MASK_DEFAULT
 ) -> tuple[NumpyVectors, dict[int, np.ndarray], dict[str, Any]]:
@@ -1149,7 +1260,7 @@ def caa_vectors(run: Run, concept: str) -> tuple[dict[int, tuple[None, np.ndarra
 def _check_bakeable(edit: Edit) -> None:
     if edit.site != "mlp":
         raise InputError(
-            f"Only mlp-site edits (dpnle, dpnle-w, random) fold into a bias; this {edit.method} edit is at "
+            f"Only mlp-site edits (dpnle, dpnle-w, random, random-mag) fold into a bias; this {edit.method} edit is at "
             f"the {edit.site} site ({'non-linear: it clamps activations' if edit.clamp else 'not the MLP output'})."
         )
     if edit.stochastic:

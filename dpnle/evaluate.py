@@ -1,6 +1,6 @@
 """Stage 3 (edit-eval): steer each concept, measure every trait or value, and measure the cost.
 
-A *condition* is one (method, direction, gamma) — plus a seed for the random control. For each
+A *condition* is one (method, direction, gamma) — plus a seed for the random nulls. For each
 condition the stage scores, with the edit applied:
 
 - the questionnaires (judge-free, one forward pass per item) with each scorer — every dimension
@@ -46,7 +46,9 @@ from dpnle.runs import (
     write_parquet,
 )
 
-METHODS = ("dpnle", "dpnle-w", "npti", "caa", "random", "prompt", "none")
+METHODS = ("dpnle", "dpnle-w", "npti", "caa", "random", "random-mag", "prompt", "none")
+# The random nulls (dpnle.edits.RANDOM_METHODS): one condition per seed, ``random_draws`` of them.
+RANDOM_METHODS = ("random", "random-mag")
 DIRECTIONS = ("up", "down")
 QUESTIONNAIRES = ("ipip120", "ipip300-test", "ipip300", "pvq40")
 SCORERS = ("likert", "statement", "yesno")
@@ -80,7 +82,7 @@ class Condition:
             return "none"
         if self.method == "prompt":
             return f"prompt-{self.direction}"
-        tail = f"-s{self.seed}" if self.method == "random" else ""
+        tail = f"-s{self.seed}" if self.method in RANDOM_METHODS else ""
         return f"{self.method}-{self.direction}-g{self.gamma:g}{tail}"
 
 
@@ -100,7 +102,8 @@ class EvalConfig:
     positions: str = "all"
     mode: str = "both"
     seed: int = 0
-    random_draws: int = 2
+    # Draws of each random null (random, random-mag): with N draws the smallest null p is 1/(N+1).
+    random_draws: int = 20
     batch_size: int = 16
     validity_personas: int = 4
     # Score conditions only with the scorers that passed the validity check for the target (or,
@@ -216,7 +219,7 @@ def conditions(config: EvalConfig) -> list[Condition]:
         elif method == "prompt":
             out.extend(Condition("prompt", d) for d in config.directions)
         else:
-            draws = range(config.random_draws) if method == "random" else [config.seed]
+            draws = range(config.random_draws) if method in RANDOM_METHODS else [config.seed]
             for d in config.directions:
                 for g in config.gammas_for(method):
                     for s in draws:
@@ -527,12 +530,14 @@ def _check_localizations(run: Run, concept: str, config: EvalConfig) -> None:
     unreadable or from another run."""
     from dpnle.localize import load_selection
 
-    needed = {"dpnle": "dpnle", "dpnle-w": "dpnle", "random": "dpnle", "npti": "npti", "caa": "caa"}
+    needed = {"dpnle": "dpnle", "dpnle-w": "dpnle", "random": "dpnle", "random-mag": "dpnle", "npti": "npti",
+              "caa": "caa"}
     for method in dict.fromkeys(needed[m] for m in config.methods if m in needed):
         load_selection(run, concept, method)
 
 
-_NEURON_SOURCES = {"dpnle": "dpnle", "dpnle-w": "dpnle", "random": "dpnle", "npti": "npti", "caa": "caa"}
+_NEURON_SOURCES = {"dpnle": "dpnle", "dpnle-w": "dpnle", "random": "dpnle", "random-mag": "dpnle", "npti": "npti",
+                   "caa": "caa"}
 
 
 def localization_digests(run: Run, concept: str, methods: Sequence[str]) -> dict[str, str]:
@@ -733,14 +738,22 @@ _NULL_KEY = ["concept", "benchmark", "scorer", "dimension", "direction", "gamma"
 _NULL_FAMILY = ["benchmark", "scorer", "method", "direction", "gamma"]
 
 
+# The nulls a DPN-LE change is tested against: (method of the draws, prefix of the columns).
+# ``random``: size-matched random neurons outside the selection; ``random-mag``: neurons drawn
+# from the magnitude passers alone (what Cohen's d adds beyond |delta|). The mag_null_ columns
+# come first, so null_n..null_q stay the summary's last four columns, as before.
+NULLS = (("random-mag", "mag_null_"), ("random", "null_"))
+
+
 def _null_test(summary: pd.DataFrame) -> pd.DataFrame:
     """Add ``null_n``, ``null_p``, ``null_z``, ``null_q``: is a DPN-LE change larger in magnitude
-    than the changes of size-matched random edits?
+    than the changes of size-matched random edits? And the same four against the magnitude-only
+    null, ``mag_null_n``, ``mag_null_p``, ``mag_null_z``, ``mag_null_q``.
 
     For each DPN-LE-family row (method ``dpnle`` or ``dpnle-w``) with change ``d`` (its
     ``delta``), the null is the ``delta`` of every random-control draw (method ``random``, one
-    row per seed) of the same (concept, benchmark, scorer, dimension, direction, gamma) with a
-    finite change, ``r_1..r_N``:
+    row per seed; ``random-mag`` for the ``mag_null_`` columns) of the same (concept, benchmark,
+    scorer, dimension, direction, gamma) with a finite change, ``r_1..r_N``:
 
     - ``null_n`` = N;
     - ``null_p`` = (1 + #{i : |r_i| >= |d|}) / (N + 1), the empirical two-sided p with the +1
@@ -752,15 +765,25 @@ def _null_test(summary: pd.DataFrame) -> pd.DataFrame:
       for non-target rows.
 
     Rows of other methods, and rows whose own change is NaN, get NaN (``null_n`` still counts
-    the draws for a DPN-LE row without a change).
+    the draws for a DPN-LE row without a change). A summary without ``random-mag`` draws has
+    ``mag_null_n`` 0 on DPN-LE rows and NaN in the other ``mag_null_`` columns.
     """
     out = summary.copy()
-    for column in ("null_n", "null_p", "null_z", "null_q"):
-        out[column] = np.nan
+    for _, prefix in NULLS:
+        for column in ("n", "p", "z", "q"):
+            out[prefix + column] = np.nan
     if "delta" not in out:
         return out
+    for method, prefix in NULLS:
+        _add_null(out, method, prefix)
+    return out
+
+
+def _add_null(out: pd.DataFrame, method: str, prefix: str) -> None:
+    """Fill ``<prefix>n/p/z/q`` of the DPN-LE rows of ``out`` against the draws of ``method``."""
+    n_col, p_col, z_col, q_col = (prefix + c for c in ("n", "p", "z", "q"))
     draws: dict[tuple, list[float]] = {}
-    random_rows = out[out["method"] == "random"]
+    random_rows = out[out["method"] == method]
     for key, delta in zip(random_rows[_NULL_KEY].itertuples(index=False, name=None), random_rows["delta"],
                           strict=True):
         if np.isfinite(delta):
@@ -769,19 +792,18 @@ def _null_test(summary: pd.DataFrame) -> pd.DataFrame:
     for index, key in zip(tested, out.loc[tested, _NULL_KEY].itertuples(index=False, name=None), strict=True):
         r = np.asarray(draws.get(key, []), dtype=float)
         n = len(r)
-        out.at[index, "null_n"] = n
+        out.at[index, n_col] = n
         d = out.at[index, "delta"]
         if n == 0 or not np.isfinite(d):
             continue
-        out.at[index, "null_p"] = (1 + int(np.sum(np.abs(r) >= abs(d)))) / (n + 1)
+        out.at[index, p_col] = (1 + int(np.sum(np.abs(r) >= abs(d)))) / (n + 1)
         if n >= 2:
             sd = float(r.std(ddof=1))
             if sd > 0:
-                out.at[index, "null_z"] = (d - float(r.mean())) / sd
-    family = out[out["target"] & out["null_p"].notna()]
+                out.at[index, z_col] = (d - float(r.mean())) / sd
+    family = out[out["target"] & out[p_col].notna()]
     for _, part in family.groupby(_NULL_FAMILY, sort=False, dropna=False):
-        out.loc[part.index, "null_q"] = sps.false_discovery_control(part["null_p"].to_numpy(float), method="bh")
-    return out
+        out.loc[part.index, q_col] = sps.false_discovery_control(part[p_col].to_numpy(float), method="bh")
 
 
 TABLE_KINDS = ("all", "personality", "capability")
@@ -865,12 +887,18 @@ def _fmt_effect(part: pd.DataFrame) -> str:
 
 
 def _fmt_null(r: pd.Series) -> str:
-    """`` p_null 0.05 q 0.10 (N=19)`` for a DPN-LE row tested against random draws, else ``""``."""
-    n, p, q = r.get("null_n", np.nan), r.get("null_p", np.nan), r.get("null_q", np.nan)
-    if r.get("method") not in NULL_TESTED or not (n >= 1) or not np.isfinite(p):
+    """`` p_null 0.05 q 0.10 (N=19)`` for a DPN-LE row tested against random draws, then
+    `` p_mag 0.05 q 0.10 (N=20)`` where it was tested against magnitude-only draws, else ``""``."""
+    if r.get("method") not in NULL_TESTED:
         return ""
-    q_text = f" q {_fmt_p(q)}" if np.isfinite(q) else ""
-    return f" p_null {_fmt_p(p)}{q_text} (N={int(n)})"
+    text = ""
+    for prefix, label in (("null_", "p_null"), ("mag_null_", "p_mag")):
+        n, p, q = r.get(prefix + "n", np.nan), r.get(prefix + "p", np.nan), r.get(prefix + "q", np.nan)
+        if not (n >= 1) or not np.isfinite(p):
+            continue
+        q_text = f" q {_fmt_p(q)}" if np.isfinite(q) else ""
+        text += f" {label} {_fmt_p(p)}{q_text} (N={int(n)})"
+    return text
 
 
 def _fmt_p(p: float) -> str:

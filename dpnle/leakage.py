@@ -49,7 +49,7 @@ AVERAGE = "mean"
 # Non-dimension columns of a leakage matrix.
 MATRIX_META = ("delta_target", "ci_low_target", "ci_high_target", "target_moved")
 # The order methods are listed in everywhere (evaluate.METHODS without importing the model stack).
-METHOD_ORDER = ("dpnle", "dpnle-w", "npti", "caa", "random", "prompt", "none")
+METHOD_ORDER = ("dpnle", "dpnle-w", "npti", "caa", "random", "random-mag", "prompt", "none")
 
 SHIFT_COLUMNS = [
     "concept", "condition", "method", "direction", "gamma", "n_seeds", "dimension", "target",
@@ -76,7 +76,8 @@ def method_order(names: Iterable[str]) -> list[str]:
 
 
 def _pooled_key(condition: str) -> str:
-    """A condition key without its random-draw suffix: ``random-up-g1-s0`` -> ``random-up-g1``."""
+    """A condition key without its random-draw suffix: ``random-up-g1-s0`` -> ``random-up-g1``
+    (``random-mag-up-g1-s3`` -> ``random-mag-up-g1``: each null's draws pool on their own)."""
     return re.sub(r"-s\d+$", "", condition)
 
 

@@ -35,6 +35,8 @@ COST_BENCHMARK = "neutral"
 COST_SCORER = "kl"
 REFERENCE_METHODS = ("dpnle", "dpnle-w")
 BAND = (2.5, 97.5)
+# Methods drawn several times (one sweep per seed): summarized as a median and a band.
+DRAWN_METHODS = ("random", "random-mag")
 
 POINT_COLUMNS = ["concept", "method", "direction", "gamma", "seed", "condition", "kl", "delta", "ci_low",
                  "ci_high"]
@@ -103,7 +105,7 @@ def matched_cost(summary: pd.DataFrame, benchmark: str, scorer: str, levels: Seq
             for level in grid:
                 values = np.array([curve_at(c["kl"], c["delta"], level) for c in curves])
                 finite = values[np.isfinite(values)]
-                if method == "random" and finite.size:
+                if method in DRAWN_METHODS and finite.size:
                     lo, hi = np.percentile(finite, BAND)
                     mid = float(np.median(finite))
                 else:

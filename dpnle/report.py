@@ -44,6 +44,7 @@ METHOD_STYLE: dict[str, tuple[str, str, str]] = {
     "npti": ("NPTI", "#009E73", "-"),
     "caa": ("CAA", "#CC79A7", "-"),
     "random": ("random control", "#7F7F7F", "--"),
+    "random-mag": ("magnitude-only null", "#B07A00", "--"),
     "prompt": ("prompting", "#D55E00", ":"),
     "none": ("no edit", "#000000", ":"),
 }
@@ -529,11 +530,11 @@ def fig_gamma(shifts: pd.DataFrame, capability: pd.DataFrame | None, cap_label: 
                 if method == "prompt":
                     ax.axhline(float(d.mean()), color=color, ls=style, lw=1.6)
                     continue
-                if method == "random" and len(g) > 1:
+                if method in ("random", "random-mag") and len(g) > 1:
                     ax.fill_between(g, lo, hi, color=color, alpha=0.18, lw=0)
                 err = np.vstack([d - lo, hi - d])
                 ax.errorbar(g, d, yerr=np.where(np.isfinite(err), err, 0.0), color=color, ls=style, lw=1.6,
-                            marker="s" if method == "random" else "o", ms=4, capsize=2)
+                            marker="s" if method in ("random", "random-mag") else "o", ms=4, capsize=2)
                 if ax2 is not None:
                     cap = capability[(capability["concept"] == concept) & (capability["method"] == method)
                                      & (capability["direction"] == direction)].sort_values("gamma")
@@ -554,12 +555,76 @@ def fig_gamma(shifts: pd.DataFrame, capability: pd.DataFrame | None, cap_label: 
             if i == len(concepts) - 1:
                 ax.set_xlabel("gamma", fontsize=8)
     handles = [Line2D([], [], color=_color(m), ls=METHOD_STYLE.get(m, ("", "", "-"))[2], lw=1.6,
-                      marker=None if m == "prompt" else ("s" if m == "random" else "o"), ms=4, label=_label(m))
+                      marker=None if m == "prompt" else ("s" if m in ("random", "random-mag") else "o"), ms=4,
+                      label=_label(m))
                for m in methods]
     if capability is not None and not capability.empty:
         handles += [Line2D([], [], color="#333333", ls=":", marker="x", lw=1.1, label=f"{cap_label} (right axis)"),
                     Line2D([], [], color="black", ls=(0, (1, 3)), lw=0.9, label="no edit (right axis)")]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def fig_matched(points: pd.DataFrame, matched: pd.DataFrame, title: str, path: Path) -> Path:
+    """Target change against cost (KL on neutral text), one panel per concept and direction.
+
+    Each method's gamma sweep is a line through its conditions in gamma order (95% CI bars); the
+    random draws are grey dots, one per draw and gamma, with the 2.5-97.5 percentile band of the
+    draws interpolated at the reference method's costs (``matched``). The x axis is symlog, so a
+    KL of 0 (no edit) stays on it.
+    """
+    from matplotlib.lines import Line2D
+
+    concepts = lk.concept_order(points["concept"])
+    directions = [d for d in ("up", "down") if d in set(points["direction"])]
+    methods = [m for m in lk.method_order(points["method"]) if m not in ("none", "prompt")]
+    draws = {"random", "random-mag"}
+    fig = _figure(4.0 * len(directions) + 0.6, 2.4 * len(concepts) + 1.1)
+    axes = fig.subplots(len(concepts), len(directions), squeeze=False)
+    points = points[points["kl"] > 0]  # an edit with no cost at all has no place on a log axis
+    for i, concept in enumerate(concepts):
+        for k, direction in enumerate(directions):
+            ax = axes[i, k]
+            ax.axhline(0.0, color="black", lw=0.6)
+            for method in methods:
+                part = points[(points["concept"] == concept) & (points["direction"] == direction)
+                              & (points["method"] == method)]
+                if part.empty:
+                    continue
+                color = _color(method)
+                if method in draws:
+                    ax.plot(part["kl"], part["delta"], "o", color=color, ms=2.5, alpha=0.45, mec="none")
+                    band = matched[(matched["concept"] == concept) & (matched["direction"] == direction)
+                                   & (matched["method"] == method)].dropna(subset=["band_low", "band_high"])
+                    band = band.sort_values("kl")
+                    if len(band) > 1:
+                        ax.fill_between(band["kl"], band["band_low"], band["band_high"], color=color, alpha=0.18,
+                                        lw=0)
+                    elif len(band) == 1:
+                        row = band.iloc[0]
+                        ax.vlines(row["kl"], row["band_low"], row["band_high"], color=color, lw=3, alpha=0.35)
+                    continue
+                part = part.sort_values("gamma")
+                d = part["delta"].to_numpy(dtype=float)
+                err = np.vstack([d - part["ci_low"].to_numpy(dtype=float), part["ci_high"].to_numpy(dtype=float) - d])
+                ax.errorbar(part["kl"], d, yerr=np.where(np.isfinite(err), err, 0.0), color=color,
+                            ls=METHOD_STYLE.get(method, ("", "", "-"))[2], lw=1.6, marker="o", ms=4, capsize=2)
+                for _, row in part.iterrows():
+                    ax.annotate(f"{row['gamma']:g}", (row["kl"], row["delta"]), textcoords="offset points",
+                                xytext=(3, 3), fontsize=6, color=color)
+            ax.set_xscale("log")
+            ax.set_title(f"{concept}, {direction}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.25)
+            if k == 0:
+                ax.set_ylabel("target change Δt", fontsize=8)
+            if i == len(concepts) - 1:
+                ax.set_xlabel("cost: KL on neutral text (log)", fontsize=8)
+    handles = [Line2D([], [], color=_color(m), ls="none" if m in draws else METHOD_STYLE.get(m, ("", "", "-"))[2],
+                      lw=1.6, marker="o", ms=4, label=_label(m) + (" (draws, band 2.5-97.5%)" if m in draws else ""))
+               for m in methods]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
@@ -807,16 +872,213 @@ def _leakage_display(table: pd.DataFrame, average: bool) -> pd.DataFrame:
     return frame
 
 
-def _eval_sections(run: Run, rows: pd.DataFrame, validity: pd.DataFrame, root: Path, figures: list[Path],
-                   tables: dict[str, Path], notes: list[str]) -> list[Block]:
-    from dpnle.evaluate import QUESTIONNAIRES, paper_table, summarize
+# The edit the first screen answers for (the first present), and the FDR level its verdicts use.
+ANSWER_METHODS = ("dpnle", "dpnle-w")
+FDR_LEVEL = 0.05
+ANSWER_COLUMNS = ["concept", "instrument", "scorer", "held_out", "valid", "method", "direction", "gamma", "delta",
+                  "ci_low", "ci_high", "d_z", "n_items", "random_median", "random_low", "random_high", "null_n",
+                  "null_p", "null_z", "null_q", "mag_null_n", "mag_null_p", "mag_null_z", "mag_null_q", "prompt_delta",
+                  "kl"]
 
-    blocks: list[Block] = [Heading("Edit effects (the DPN-LE paper's layout)")]
-    # The paper table reads only the target dimension of each questionnaire: summarizing the
-    # off-target dimensions too would only cost time (the leakage tables below cover them).
+
+def answer_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per concept, questionnaire, scorer and direction: did the DPN-LE edit move the target, and
+    at what cost?
+
+    One row per (concept, instrument, scorer, direction) for the first of ``ANSWER_METHODS`` the
+    concept was edited with, at the gamma closest to 1: its change against no edit (95% CI, d_z,
+    items), the size-matched random draws' changes at the same gamma (median and 2.5-97.5
+    percentile band), the null test's p, z and BH q (and the magnitude-only null's when the run
+    has one), the prompt's change, and the condition's KL on neutral text.
+    """
+    from dpnle.evaluate import QUESTIONNAIRES
+    from dpnle.instruments import held_out
+
+    if summary.empty or "target" not in summary.columns:
+        return pd.DataFrame(columns=ANSWER_COLUMNS)
+    quest = summary[summary["benchmark"].isin(QUESTIONNAIRES) & summary["target"].astype(bool)]
+    cost = summary[(summary["benchmark"] == "neutral") & (summary["scorer"] == "kl")]
+    kl = cost.groupby(["concept", "condition"])["mean"].mean().to_dict()
+    records = []
+    for (concept, instrument, scorer), part in quest.groupby(["concept", "benchmark", "scorer"], sort=False):
+        method = next((m for m in ANSWER_METHODS if (part["method"] == m).any()), None)
+        if method is None:
+            continue
+        for direction in ("up", "down"):
+            own = part[(part["method"] == method) & (part["direction"] == direction)]
+            if own.empty:
+                continue
+            gamma = min(own["gamma"].astype(float), key=lambda g: (abs(g - 1.0), -g))
+            r = own[own["gamma"].astype(float) == gamma].iloc[0]
+            draws = part[(part["method"] == "random") & (part["direction"] == direction)
+                         & (part["gamma"].astype(float) == gamma)]["delta"].to_numpy(dtype=float)
+            draws = draws[np.isfinite(draws)]
+            prompt = part[(part["method"] == "prompt") & (part["direction"] == direction)]["delta"]
+            record = {"concept": concept, "instrument": instrument, "scorer": scorer, "held_out": held_out(instrument),
+                      "valid": r.get("valid", np.nan), "method": method, "direction": direction, "gamma": gamma,
+                      "random_median": float(np.median(draws)) if draws.size else np.nan,
+                      "random_low": float(np.percentile(draws, 2.5)) if draws.size else np.nan,
+                      "random_high": float(np.percentile(draws, 97.5)) if draws.size else np.nan,
+                      "prompt_delta": float(prompt.mean()) if len(prompt) else np.nan,
+                      "kl": float(kl.get((concept, r["condition"]), np.nan))}
+            for column in ("delta", "ci_low", "ci_high", "d_z", "n_items", "null_n", "null_p", "null_z", "null_q",
+                           "mag_null_n", "mag_null_p", "mag_null_z", "mag_null_q"):
+                record[column] = float(r[column]) if column in r.index and pd.notna(r[column]) else np.nan
+            records.append(record)
+    return pd.DataFrame(records, columns=ANSWER_COLUMNS)
+
+
+def _answer_display(table: pd.DataFrame) -> pd.DataFrame:
+    def null(r: pd.Series, prefix: str) -> str:
+        if not math.isfinite(r[f"{prefix}null_p"]):
+            return ""
+        z = f", z {r[f'{prefix}null_z']:+.2f}" if math.isfinite(r[f"{prefix}null_z"]) else ""
+        q = f", q {r[f'{prefix}null_q']:.3f}" if math.isfinite(r[f"{prefix}null_q"]) else ""
+        return f"p {r[f'{prefix}null_p']:.3f}{z}{q} (N={int(r[f'{prefix}null_n'])})"
+
+    rows = []
+    for _, r in table.iterrows():
+        row = {"concept": r["concept"],
+               "items": f"{r['instrument']} ({'held-out' if r['held_out'] else 'validity items'})",
+               "scorer": f"{r['scorer']} ({_valid_text(r['valid'])})",
+               "edit": f"{_label(r['method'])} {r['direction']}, gamma {r['gamma']:g}",
+               "change (95% CI)": _interval(r["delta"], r["ci_low"], r["ci_high"]),
+               "d_z": _num(r["d_z"], "+.2f"), "items n": "" if not math.isfinite(r["n_items"]) else int(r["n_items"]),
+               "random draws: median [2.5-97.5%]": ("" if not math.isfinite(r["random_median"]) else
+                                                    f"{r['random_median']:+.3f} [{r['random_low']:+.3f}, "
+                                                    f"{r['random_high']:+.3f}]"),
+               "vs random null": null(r, ""),
+               "prompting": _signed(r["prompt_delta"]),
+               "KL": _num(r["kl"], ".4f")}
+        if table["mag_null_p"].notna().any():
+            row["vs magnitude-only null"] = null(r, "mag_")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _answer_sentence(concept: str, part: pd.DataFrame, family: int = 1) -> str:
+    """One sentence: the concept's DPN-LE changes, their null test, its verdict and the cost."""
+    r0 = part.iloc[0]
+    where = (f"{r0['instrument']} / {r0['scorer']}, {'held-out items' if r0['held_out'] else 'the validity items'}, "
+             f"validity {_valid_text(r0['valid'])}")
+    moves = "; ".join(f"{r['direction']} {_interval(r['delta'], r['ci_low'], r['ci_high'])}" for _, r in part.iterrows())
+    head = f"**{concept}** ({where}): {_label(r0['method'])} at gamma {r0['gamma']:g} changed it {moves}"
+    n = part["null_n"].max()
+    if not math.isfinite(n) or n == 0:
+        verdict = "no random-edit draws to test it against (add random to --methods)"
+    else:
+        tests = ", ".join(f"{r['direction']} p {r['null_p']:.3f}" + (f" q {r['null_q']:.3f}" if math.isfinite(r["null_q"])
+                                                                      else "")
+                          for _, r in part.iterrows() if math.isfinite(r["null_p"]))
+        intended = part[((part["direction"] == "up") & (part["delta"] > 0))
+                        | ((part["direction"] == "down") & (part["delta"] < 0))]
+        beyond = intended[intended["null_q"] <= FDR_LEVEL]
+        wrong = part[(part["null_q"] <= FDR_LEVEL) & ~part.index.isin(intended.index)]
+        if r0["valid"] == 0.0:
+            verdict = f"against {int(n)} random draws {tests}; the instrument failed its validity check: {INVALID_SENTENCE}"
+        elif len(beyond):
+            verdict = (f"against {int(n)} size-matched random edits {tests}: beyond the random null "
+                       f"({', '.join(beyond['direction'])}; significant at FDR {FDR_LEVEL:g}, Benjamini-Hochberg "
+                       "across the run's concepts)")
+        elif len(wrong):
+            verdict = (f"against {int(n)} size-matched random edits {tests}: beyond the random null but against "
+                       f"the intended direction ({', '.join(wrong['direction'])}; FDR {FDR_LEVEL:g}, "
+                       "Benjamini-Hochberg): not control of the concept")
+        elif 1.0 / (n + 1) > FDR_LEVEL:
+            verdict = (f"against {int(n)} random draws {tests}: too few draws for p <= {FDR_LEVEL:g} "
+                       "(needs --random-draws 20 or more)")
+        else:
+            verdict = (f"against {int(n)} size-matched random edits {tests}: not distinguishable from a random edit "
+                       f"of the same size (not significant at FDR {FDR_LEVEL:g}, Benjamini-Hochberg)")
+            floor = family / (n + 1)  # BH: one concept alone among `family` reaches q >= family * p
+            if floor > FDR_LEVEL:
+                verdict += (f"; with {int(n)} draws and {family} concepts, one concept alone can reach q "
+                            f"{floor:.3f} at best: more draws (--random-draws) resolve smaller effects")
+    kl = part["kl"].dropna()
+    cost = f" Cost: KL on neutral text {', '.join(f'{v:.4f}' for v in kl)}." if len(kl) else ""
+    return f"{head}; {verdict}.{cost}"
+
+
+def _answer_section(summary: pd.DataFrame, root: Path, tables: dict[str, Path]) -> list[Block]:
+    table = answer_table(summary)
+    tables["answer"] = write_parquet(root / "answer.parquet", table, metadata={
+        "kind": "report", "table": "answer", "fdr_level": FDR_LEVEL, "methods": list(ANSWER_METHODS)})
+    blocks: list[Block] = [Heading("Did it work, and at what cost?")]
+    if table.empty:
+        blocks.append(Text("No DPN-LE condition scored on a questionnaire in this run: nothing to answer yet."))
+        return blocks
+    blocks.append(Text(
+        "Per concept: the DPN-LE change of the target score against no edit (95% t interval over items), set "
+        "against size-matched random edits of the same gamma (empirical two-sided p with the +1 correction, "
+        "z-score, and q: the p adjusted for the false-discovery rate across the run's concepts, "
+        f"Benjamini-Hochberg; \"significant\" means q <= {FDR_LEVEL:g}), and its cost as KL on neutral text. "
+        "Items are marked held-out when the validity check (the scorer choice) did not read them."))
+    sentences = []
+    for _, tested in table.groupby(["instrument", "scorer"], sort=False):
+        family = int(tested["concept"].nunique())
+        sentences += [_answer_sentence(str(c), part, family) for c, part in tested.groupby("concept", sort=False)]
+    blocks.append(Bullets(sentences))
+    blocks.append(TableBlock(_answer_display(table), "DPN-LE against the random-edit null, per concept"))
+    return blocks
+
+
+def _matched_section(summary: pd.DataFrame, root: Path, figures: list[Path], tables: dict[str, Path]) -> list[Block]:
+    """Target change against cost (KL) per method, with the random band; the matched-cost table."""
+    from dpnle.evaluate import QUESTIONNAIRES
+    from dpnle.matched import cost_points, matched_cost
+
+    if summary.empty or not ((summary["benchmark"] == "neutral") & (summary["scorer"] == "kl")).any():
+        return []
+    pairs = summary.loc[summary["benchmark"].isin(QUESTIONNAIRES), ["benchmark", "scorer"]].drop_duplicates()
+    blocks: list[Block] = []
+    frames, points_all = [], []
+    for benchmark, scorer in pairs.itertuples(index=False):
+        points = cost_points(summary, benchmark, scorer)
+        if points.empty:
+            continue
+        matched = matched_cost(summary, benchmark, scorer)
+        frames.append(matched)
+        points_all.append(points.assign(benchmark=benchmark, scorer=scorer))
+        path = fig_matched(points, matched, f"Target change against cost, {benchmark} / {scorer}",
+                           root / FIG_DIR / f"matched_{_slug(benchmark, scorer)}.png")
+        figures.append(path)
+        blocks.append(FigureBlock(path.relative_to(root), f"Target change against KL on neutral text, {benchmark} / "
+                                  f"{scorer} (numbers at the points: gamma; grey: random draws and their band)"))
+    if not frames:
+        return []
+    table = pd.concat(frames, ignore_index=True)
+    tables["matched"] = write_parquet(root / "matched.parquet", table, metadata={"kind": "report", "table": "matched"})
+    tables["cost_points"] = write_parquet(root / "cost_points.parquet", pd.concat(points_all, ignore_index=True),
+                                          metadata={"kind": "report", "table": "cost_points"})
+    shown = table.assign(**{c: table[c].map(lambda v: _num(v, "+.3f")) for c in ("delta", "band_low", "band_high")},
+                         kl=table["kl"].map(lambda v: _num(v, ".4f")))
+    return [Heading("Methods at matched cost"), Text(
+        "Gamma means different things for each method, so the DPN-LE paper's comparison at fixed gamma is "
+        "repeated here at equal cost: each condition placed at its KL on neutral text, each method's change "
+        "read off its gamma sweep at the DPN-LE conditions' KL (linear interpolation, no extrapolation; empty "
+        "where a method's sweep does not reach that cost). The random draws give a median and a 2.5-97.5 "
+        "percentile band. `dpnle tables --kind matched` prints the same table."),
+        *blocks, TableBlock(shown, "Target change at matched cost (KL)")]
+
+
+def target_summary(rows: pd.DataFrame, validity: pd.DataFrame) -> pd.DataFrame:
+    """The summary of the rows the first screen and the paper table read: every benchmark, and of
+    the questionnaires only the target dimension (summarizing the off-target dimensions too would
+    only cost time; the leakage tables cover them)."""
+    from dpnle.evaluate import QUESTIONNAIRES, summarize
+
     questionnaire = rows["benchmark"].isin(QUESTIONNAIRES)
     needed = rows[~questionnaire | (rows["dimension"] == rows["concept"])]
-    summary = summarize(needed, validity if not validity.empty else None)
+    return summarize(needed, validity if not validity.empty else None)
+
+
+def _eval_sections(run: Run, rows: pd.DataFrame, validity: pd.DataFrame, root: Path, figures: list[Path],
+                   tables: dict[str, Path], notes: list[str], summary: pd.DataFrame | None = None) -> list[Block]:
+    from dpnle.evaluate import paper_table
+
+    blocks: list[Block] = [Heading("Edit effects (the DPN-LE paper's layout)")]
+    if summary is None:
+        summary = target_summary(rows, validity)
     paper = paper_table(summary)
     tables["paper_table"] = write_parquet(root / "paper_table.parquet", paper,
                                           metadata={"kind": "report", "table": "paper_table"})
@@ -905,14 +1167,20 @@ def _eval_sections(run: Run, rows: pd.DataFrame, validity: pd.DataFrame, root: P
                                       f"Each value target's shifts at the values' circumplex angles ({_label(primary)} "
                                       f"solid, random control dotted; the black circle is no change)"))
 
+    def swept(sh: pd.DataFrame) -> bool:
+        """Is there a gamma sweep to draw? With one gamma per method the tables hold every point."""
+        target = sh[sh["target"].astype(bool) & sh["gamma"].notna()]
+        return bool((target.groupby(["method", "direction"])["gamma"].nunique() > 1).any())
+
+    sweeps = {pair: sh for pair, sh in shifts.items() if swept(sh)}
+    if not sweeps:
+        return blocks
     blocks.append(Heading("Target score against gamma"))
     cap, cap_label = capability_series(rows)
     if cap is None:
         blocks.append(Text("No capability measure (neutral-text KL or a benchmark) in this run: the right axis "
                            "is left out."))
-    for (instrument, scorer), sh in shifts.items():
-        if not sh["target"].any():
-            continue
+    for (instrument, scorer), sh in sweeps.items():
         path = fig_gamma(sh, cap, cap_label, f"Target change against gamma, {instrument} / {scorer}"
                          + (f"; right axis: {cap_label}" if cap is not None else ""),
                          root / FIG_DIR / f"gamma_{_slug(instrument, scorer)}.png")
@@ -959,15 +1227,9 @@ def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None
             Text(f"Generated {stamp} by `dpnle leakage-report` from the Parquet files of this run directory. "
                  "Every number here is in the Parquet tables next to this file."),
         ]
-        blocks += _run_section(run, manifest)
-
         validity = load_validity(run)
         tables["validity"] = write_parquet(tmp / "validity.parquet", validity,
                                            metadata={"kind": "report", "table": "validity"})
-        blocks += _validity_section(validity)
-
-        say("neurons and overlap")
-        blocks += _neurons_section(run, tmp, figures, tables, notes)
 
         # Only current condition files; a current one that cannot be read stops the build (the
         # previous report stays in place), never a report that silently lacks it.
@@ -975,6 +1237,14 @@ def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None
         stale = stale_note(condition_files(run))
         if stale:
             notes.append(stale)
+        # The answer first (did the edit work, and at what cost), the evidence after it, the
+        # provenance last.
+        summary = target_summary(rows, validity) if not rows.empty else pd.DataFrame()
+        if not rows.empty:
+            blocks += _answer_section(summary, tmp, tables)
+        blocks += _validity_section(validity)
+        say("neurons and overlap")
+        blocks += _neurons_section(run, tmp, figures, tables, notes)
         if rows.empty:
             text = (f"This run has no edit-eval results yet, so there is no leakage to report. Run "
                     f"`dpnle edit-eval --run {run.name} --all-traits` (values: `--all-values --benchmarks "
@@ -983,9 +1253,12 @@ def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None
             blocks += [Heading("Edit effects and leakage"), Text(LEAKAGE_EXPLANATION), Text(f"**{text}**")]
         else:
             say("leakage tables and figures")
-            blocks += _eval_sections(run, rows, validity, tmp, figures, tables, notes)
+            blocks += _eval_sections(run, rows, validity, tmp, figures, tables, notes, summary=summary)
+            say("matched-cost comparison")
+            blocks += _matched_section(summary, tmp, figures, tables)
         if stale:
             blocks += [Heading("Stale results (left out)"), Text(stale)]
+        blocks += _run_section(run, manifest)
 
         blocks.append(Heading("Files"))
         blocks.append(Bullets([f"`{p.relative_to(tmp).as_posix()}`" for p in [*tables.values(), *figures]]))

@@ -122,41 +122,73 @@ demo-values: setup
 
 # Paper tables (DPN-LE's layout) for MODEL, with the reference implementations' settings: runs
 # whatever is missing (captures for DPN-LE and NPTI, localization, the three evaluation presets
-# of configs/paper/), reusing every cached stage, then prints the tables.
+# of configs/paper/), reusing every cached stage, then prints the tables. Each table target runs
+# only the presets it reads (`make table-capability` alone skips the open-ended preset).
 # On a GPU workstation: make paper-tables MODEL=meta-llama/Meta-Llama-3-8B-Instruct JUDGE='openai:https://api.openai.com/v1#gpt-4o'
 # Offline (PersonalityBench's search questions are not in the mirror): PAPER_SAMPLING=dpnle.
+# ENGINE=vllm generates the capability preset's answers (GSM8K, HotpotQA) on vLLM, from the vLLM
+# venv (make setup-vllm), into suite paper-capability-vllm beside the HF engine's
+# paper-capability; the other presets stay on HF (ipip generates nothing; the open-ended preset
+# uses NPTI's per-call random mask, which only the HF path replays exactly).
 JUDGE ?= none
 LIMIT ?= 0
+ENGINE ?= hf
 PAPER_PAIRS ?= 1000
 PAPER_RUN ?= paper-$(notdir $(MODEL))
 PAPER_SAMPLING ?= reference
 PAPER_TOKENIZATION ?= reference
-PAPER_PRESETS := personality ipip capability
 PAPER_LIMITS := $(if $(filter-out 0,$(LIMIT)),--limit $(LIMIT) --capability-limit $(LIMIT) --open-ended-limit $(LIMIT))
 PAPER_CAPTURE := --model $(MODEL) --run $(PAPER_RUN) --all-traits --num-pairs $(PAPER_PAIRS) --pair-sampling $(PAPER_SAMPLING)
+ENGINE_SUFFIX := $(if $(filter-out hf,$(ENGINE)),-$(ENGINE))
+ENGINE_DPNLE := $(if $(filter vllm,$(ENGINE)),$(VLLM_VENV)/bin/dpnle,$(DPNLE))
+ENGINE_SETUP := $(if $(filter vllm,$(ENGINE)),setup-vllm)
 
-.PHONY: paper-run table-personality table-capability table-leakage paper-tables
-paper-run: setup
+.PHONY: paper-localize paper-eval-personality paper-eval-ipip paper-eval-capability paper-run \
+	table-personality table-capability table-leakage paper-tables
+paper-localize: setup
 	$(DPNLE) collect-activations $(PAPER_CAPTURE) --tokenization $(PAPER_TOKENIZATION)
 	# NPTI tokenizes its chat template to ids (one BOS): dpnle's tokenization is NPTI's.
 	$(DPNLE) collect-activations $(PAPER_CAPTURE) --site gate --policy response-mean --npti-protocol reference
 	$(DPNLE) localize --run $(PAPER_RUN) --all
 	$(DPNLE) localize --run $(PAPER_RUN) --all --method npti --npti-selection reference
-	for preset in $(PAPER_PRESETS); do \
-		$(DPNLE) edit-eval --config configs/paper/$$preset.yaml --run $(PAPER_RUN) --all-traits \
-			--judge '$(JUDGE)' $(PAPER_LIMITS) || exit 1; \
-	done
 
-table-personality: paper-run
+paper-eval-personality paper-eval-ipip: paper-eval-%: paper-localize
+	$(DPNLE) edit-eval --config configs/paper/$*.yaml --run $(PAPER_RUN) --all-traits --judge '$(JUDGE)' $(PAPER_LIMITS)
+
+paper-eval-capability: paper-localize $(ENGINE_SETUP)
+	$(ENGINE_DPNLE) edit-eval --config configs/paper/capability.yaml --run $(PAPER_RUN) --all-traits \
+		--engine $(ENGINE) --suite paper-capability$(ENGINE_SUFFIX) $(PAPER_LIMITS)
+
+paper-run: paper-eval-personality paper-eval-ipip paper-eval-capability
+
+table-personality: paper-eval-personality paper-eval-ipip
 	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-personality --kind personality
 	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-ipip --kind personality
-table-capability: paper-run
-	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-capability --kind capability
-table-leakage: paper-run
+table-capability: paper-eval-capability
+	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-capability$(ENGINE_SUFFIX) --kind capability
+table-leakage: paper-eval-ipip
 	$(DPNLE) leakage-report --run $(PAPER_RUN) --suite paper-ipip
 	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-ipip --kind leakage
 paper-tables: table-personality table-capability table-leakage
 	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-ipip --kind matched
+
+# Specificity on the embedded model: the demo's capture and localization, then DPN-LE against
+# SPEC_DRAWS size-matched random edits and as many magnitude-only draws, at SPEC_GAMMAS, on
+# IPIP-300's held-out items with each condition's KL cost (suite "specificity" of run RUN).
+SPEC_DRAWS ?= 20
+SPEC_GAMMAS ?= 1,2,4
+SPEC_ITEMS ?= 12
+.PHONY: specificity
+specificity: setup
+	$(DPNLE) data fetch personalitybench questionnaires
+	$(DPNLE) collect-activations --model $(MODEL) --run $(RUN) --all-traits --num-pairs $(DEMO_PAIRS)
+	$(DPNLE) localize --run $(RUN) --all
+	$(DPNLE) edit-eval --run $(RUN) --suite specificity --all-traits --methods dpnle,random,random-mag,none \
+		--gammas $(SPEC_GAMMAS) --random-draws $(SPEC_DRAWS) --benchmarks ipip300-test,neutral \
+		--scorers likert,statement --limit $(SPEC_ITEMS) --validity-personas 2
+	$(DPNLE) tables --run $(RUN) --suite specificity --kind personality
+	$(DPNLE) tables --run $(RUN) --suite specificity --kind matched
+	$(DPNLE) leakage-report --run $(RUN) --suite specificity
 
 clean-venv:
 	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lock $(VLLM_VENV)

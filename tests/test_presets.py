@@ -78,4 +78,15 @@ def test_make_paper_tables_runs_every_preset():
                          text=True, check=True).stdout
     assert "--pair-sampling reference" in out and "--npti-protocol reference" in out
     assert "--npti-selection reference" in out
-    assert "for preset in personality ipip capability" in out
+    for preset in ("personality", "ipip", "capability"):
+        assert f"edit-eval --config configs/paper/{preset}.yaml" in out
+    assert "--engine hf --suite paper-capability " in out
+
+
+def test_engine_vllm_runs_the_capability_preset_in_the_vllm_venv_into_its_own_suite():
+    out = subprocess.run(["make", "-n", "table-capability", "ENGINE=vllm", "VENV=/nonexistent-venv",
+                          "VLLM_VENV=/nonexistent-vllm"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "/nonexistent-vllm/bin/dpnle edit-eval --config configs/paper/capability.yaml" in out
+    assert "--engine vllm --suite paper-capability-vllm" in out
+    assert "tables --run paper-smollm2-135m-instruct --suite paper-capability-vllm --kind capability" in out
+    assert "configs/paper/personality.yaml" not in out  # only what the table reads

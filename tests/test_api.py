@@ -386,3 +386,24 @@ def test_user_errors_share_one_base_and_keep_their_builtin_bases():
             raise cls("x")
     assert DpnleError in user_errors() and FileNotFoundError in user_errors()
     assert not any(issubclass(cls, DpnleError) for cls in (KeyError, OSError))
+
+
+def test_the_readme_notebook_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The README's Python API block, verbatim, on the embedded model (no run directory)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- notebook-example:[^>]*-->\n```python\n(.*?)```", readme, re.S)
+    assert match, "README.md lost its notebook example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(match.group(1), "README.md:notebook-example", "exec"), namespace)
+    edit, loaded = namespace["edit"], namespace["loaded"]
+    assert (tmp_path / "extraversion-up.safetensors").is_file()
+    frame = namespace["frame"]
+    assert edit.num_neurons == int(frame["selected"].sum()) > 0
+    assert edit.meta["model"]["digest"] == loaded.fingerprint["digest"]
+    assert capsys.readouterr().out.startswith(f"{edit.num_neurons} neurons:")
+    with edit.apply(loaded):  # the loaded edit accepts the model it was made for
+        pass

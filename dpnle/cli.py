@@ -490,6 +490,8 @@ def edit_eval(
     engine: Annotated[str, typer.Option(help="What generates GSM8K, HotpotQA and PersonalityBench answers: hf "
                                              "(transformers generate) or vllm (same edits, `make setup-vllm`); "
                                              "log-likelihood scores always run on hf.")] = "hf",
+    tensor_parallel_size: Annotated[int, typer.Option(help="--engine vllm: GPUs one model is split over (vLLM "
+                                                         "tensor parallelism; each rank edits its slice).")] = 1,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, mps (default: the best available).")] = None,
     device_map: DeviceMapOpt = None,
@@ -518,7 +520,7 @@ def edit_eval(
         capability_limit=capability_limit if capability_limit > 0 else None,
         open_ended_limit=open_ended_limit if open_ended_limit > 0 else None, judge=judge, positions=positions, mode=mode, seed=seed,
         random_draws=random_draws, batch_size=batch_size, valid_scorers_only=not all_scorers,
-        validity_personas=validity_personas, engine=engine,
+        validity_personas=validity_personas, engine=engine, tensor_parallel_size=tensor_parallel_size,
     )
     _check_edit_options(positions, mode)
     target = _open_run(run, model, write=True).with_suite(suite)

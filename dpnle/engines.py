@@ -337,7 +337,8 @@ class VLLMEngine:
 _ENGINE: dict[str, Any] = {}
 
 
-def engine_for(loaded: Any, name: str = "hf", options: VLLMOptions | None = None) -> VLLMEngine | None:
+def engine_for(loaded: Any, name: str = "hf", options: VLLMOptions | None = None,
+               tensor_parallel_size: int = 1) -> VLLMEngine | None:
     """The process's engine for ``loaded`` (a :class:`dpnle.models.LoadedModel`): None for ``hf``
     (the HF model itself generates), else the one :class:`VLLMEngine`, created on first use from
     the folder the HF model was read from, in the HF model's dtype."""
@@ -345,7 +346,7 @@ def engine_for(loaded: Any, name: str = "hf", options: VLLMOptions | None = None
         return None
     if options is None:
         dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-        options = VLLMOptions(dtype=dtype)
+        options = VLLMOptions(dtype=dtype, tensor_parallel_size=int(tensor_parallel_size))
     key = (loaded.source, options)
     found = _ENGINE.get("key")
     if found == key:

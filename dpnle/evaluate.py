@@ -119,6 +119,8 @@ class EvalConfig:
     # Which engine generates (GSM8K, HotpotQA, PersonalityBench answers): "hf" or "vllm"
     # (dpnle.engines); log-likelihood scoring always runs on the Hugging Face model.
     engine: str = "hf"
+    # vLLM's tensor parallelism: each rank edits the MLP units of its slice (dpnle.vllm_worker).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         for method in self.methods:
@@ -183,6 +185,11 @@ class EvalConfig:
         from dpnle.engines import check_eval_engine
 
         self.engine = check_eval_engine(self.engine, self.methods, self.npti_mask, self.benchmarks)
+        if int(self.tensor_parallel_size) < 1:
+            raise EvalError(f"--tensor-parallel-size must be at least 1, not {self.tensor_parallel_size}.")
+        if int(self.tensor_parallel_size) > 1 and self.engine != "vllm":
+            raise EvalError("--tensor-parallel-size splits the model over GPUs inside vLLM: pass --engine vllm, or "
+                            "--device-map auto to spread a model over devices on the hf engine.")
 
     def gammas_for(self, method: str) -> tuple[float, ...]:
         """The edit strengths of ``method``: its own (``method_gammas``) or the shared ``gammas``."""
@@ -208,6 +215,8 @@ class EvalConfig:
             from dpnle.engines import engine_settings
 
             settings.update(engine_settings(self.engine))
+            if int(self.tensor_parallel_size) > 1:  # another reduction order: other numerics
+                settings["tensor_parallel_size"] = int(self.tensor_parallel_size)
         return {**settings, "judge": redact_judge_spec(str(self.judge))}  # no secret in artifacts
 
 
@@ -381,7 +390,8 @@ def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, con
     from dpnle.instruments import score_items
 
     model, tokenizer = loaded.model, loaded.tokenizer
-    engine = engine_for(loaded, config.engine) if any(b in GENERATING for b in config.benchmarks) else None
+    engine = (engine_for(loaded, config.engine, tensor_parallel_size=config.tensor_parallel_size)
+              if any(b in GENERATING for b in config.benchmarks) else None)
     edit = None
     if condition.method not in ("none", "prompt"):
         edit = build_edit(run, concept, condition.method, direction=condition.direction, gamma=condition.gamma,

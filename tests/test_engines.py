@@ -4,6 +4,8 @@ The parity of vLLM with the Hugging Face path is in tests/test_vllm_parity.py (`
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -121,3 +123,14 @@ def test_check_counts():
     engines.check_counts([_counts(edited=(0, 6))], {**plan, "positions": "generated"}, 10, 6)
     with pytest.raises(RuntimeError, match="no installed edit"):
         engines.check_counts([None], plan, 10, 6)
+
+
+@pytest.mark.parametrize("size, expected", [
+    (2, "--tensor-parallel-size splits the model over GPUs inside vLLM: pass --engine vllm"),
+    (0, "--tensor-parallel-size must be at least 1, not 0."),
+])
+def test_tensor_parallel_size_needs_the_vllm_engine(size, expected):
+    from dpnle.evaluate import EvalConfig, EvalError
+
+    with pytest.raises(EvalError, match=re.escape(expected)):
+        EvalConfig(engine="hf", tensor_parallel_size=size)

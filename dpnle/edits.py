@@ -78,6 +78,7 @@ from torch import nn
 
 from dpnle import __version__
 from dpnle.arch import SITES, UnsupportedModelError, architecture, find_decoder_layers
+from dpnle.batching import input_device
 from dpnle.concepts import cli_flag
 from dpnle.models import LoadedModel
 from dpnle.runs import (
@@ -829,7 +830,7 @@ def generate_with_edit(
         inputs = tokenizer([inputs] if isinstance(inputs, str) else list(inputs), return_tensors="pt", padding=True)
     if torch.is_tensor(inputs):
         inputs = {"input_ids": inputs}
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embeddings' device: right under a device map too
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
     input_ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")

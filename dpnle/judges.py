@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from dpnle.batching import input_device
 from dpnle.capability import EditLike, generate_texts
 from dpnle.concepts import get_concept
 from dpnle.errors import DpnleError
@@ -626,7 +627,7 @@ class HFJudge(Judge):
         # Token-level concatenation: the prefix's tokens follow the prompt's as generated ones would.
         prompt_ids = list(self.tokenizer(text, add_special_tokens=not chat)["input_ids"])
         ids = torch.tensor([prompt_ids + self.prefix_ids])
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)  # the embeddings' device: right under a device map too
         logits = self.model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device)).logits
         probs = torch.softmax(logits[0, -1].float(), dim=-1)
         mass = {d: float(probs[ids_].sum()) for d, ids_ in self.digit_ids.items()}

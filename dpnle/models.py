@@ -62,7 +62,10 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the embeddings' device (under a device map the layers may sit elsewhere)."""
+        from dpnle.batching import input_device
+
+        return input_device(self.model)
 
 
 # ---------------------------------------------------------------------------------------------

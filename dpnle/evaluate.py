@@ -823,7 +823,9 @@ def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
     """The DPN-LE paper's layout, per concept and method: neurons edited, target score up and
     down (change vs no edit, with 95% CI), and capability change vs no edit.
 
-    A questionnaire column is marked ``held-out`` when its items are disjoint from those the
+    A questionnaire cell ends in ``[invalid]`` when the instrument failed its validity check for
+    that concept on this model, ``[unchecked]`` when no check is stored; a questionnaire column is
+    marked ``held-out`` when its items are disjoint from those the
     validity check (the scorer choice) read (:func:`dpnle.instruments.held_out`: IPIP-300's 180
     test items); unmarked questionnaire columns report on the items the check also read.
 
@@ -846,17 +848,18 @@ def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
                                "gamma": f"{gamma:g}" if method not in ("none", "prompt") else ""}
         same = (target["concept"] == concept) & (target["method"] == method) & (target["gamma"] == gamma)
         for (bench, scorer), sub in target[same].groupby(["benchmark", "scorer"], sort=False):
+            # Validity is per concept: marked in the cell, so one column holds every concept.
             valid = sub["valid"].iloc[0]
-            checked = "" if valid == 1.0 else " (invalid)" if valid == 0.0 else " (unchecked)"
-            tag = f"{bench}/{scorer}" + (checked if bench in QUESTIONNAIRES else "")
+            mark = "" if bench not in QUESTIONNAIRES or valid == 1.0 else " [invalid]" if valid == 0.0 else " [unchecked]"
+            tag = f"{bench}/{scorer}"
             if bench in QUESTIONNAIRES and held_out(bench):
                 tag += " held-out"
             for direction in ("up", "down"):
                 d = sub[sub["direction"] == direction]
                 if len(d):
-                    row[f"{tag} {direction}"] = _fmt_effect(d)
+                    row[f"{tag} {direction}"] = _fmt_effect(d) + mark
             if method == "none":
-                row[f"{tag} score"] = f"{sub['mean'].iloc[0]:.3f}"
+                row[f"{tag} score"] = f"{sub['mean'].iloc[0]:.3f}" + mark
         cap = capability[(capability["concept"] == concept) & (capability["method"] == method)
                          & (capability["gamma"] == gamma)]
         for (bench, scorer), sub in cap.groupby(["benchmark", "scorer"], sort=False):

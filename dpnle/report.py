@@ -1084,7 +1084,7 @@ def _eval_sections(run: Run, rows: pd.DataFrame, validity: pd.DataFrame, root: P
                                           metadata={"kind": "report", "table": "paper_table"})
     blocks.append(Text("Per concept and method: neurons edited, change of the target score against no edit "
                        "(mean over items, 95% CI; random control: mean [min..max] over draws), capability. "
-                       "A column marked (invalid) comes from an instrument that failed the validity check."))
+                       "A cell marked [invalid] comes from an instrument that failed the validity check for that concept."))
     if not paper.empty:
         kinds = {"traits": [c for c in paper["concept"] if c not in VALUES],
                  "values": [c for c in paper["concept"] if c in VALUES]}

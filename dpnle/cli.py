@@ -527,7 +527,8 @@ def edit_eval(
     loaded = _load_run_model(target, dtype=dtype, device=device, device_map=device_map,
                              max_memory=_max_memory(max_memory), offload_folder=offload_folder)
     for concept in concepts:
-        result = ev.evaluate_concept(target, loaded, concept.name, eval_config, log=lambda m: console.print(m))
+        result = ev.evaluate_concept(target, loaded, concept.name, eval_config, log=lambda m: console.print(m),
+                                     progress=console.is_terminal)
         console.print(f"[green]{concept.name}[/]: {len(result.computed)} condition(s) computed, "
                       f"{len(result.reused)} reused, {result.seconds:.0f} s")
     summary = ev.summarize(ev.load_eval(target), ev.load_validity(target))

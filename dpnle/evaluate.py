@@ -485,9 +485,79 @@ class EvalResult:
     paths: list[Path] = field(default_factory=list)
 
 
+class _ConditionProgress:
+    """A rich progress bar over one concept's conditions (a no-op when disabled)."""
+
+    def __init__(self, description: str, total: int, enabled: bool):
+        self.description, self.total, self.enabled = description, total, enabled
+        self._progress: Any = None
+        self._task: Any = None
+        self._computed = 0
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> _ConditionProgress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.description, total=self.total, rate="")
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None
+
+    def advance(self, computed: bool) -> None:
+        if self._progress is None:
+            return
+        self._computed += int(computed)
+        task = self._progress.tasks[0]
+        rate = ""
+        if self._computed:
+            each = (time.perf_counter() - self._start) / self._computed
+            left = each * (self.total - task.completed - 1)
+            rate = f"{each:.1f} s/condition, ~{left / 60:.0f} min left"
+        self._progress.update(self._task, advance=1, rate=rate)
+
+
+def _evaluate_or_reuse(run: Run, loaded, concept: str, condition: Condition, config: EvalConfig,
+                       scorers: Any, settings: dict[str, Any], localization: dict[str, Any], model_digest: Any,
+                       computed: list[str], reused: list[str], paths: list[Path],
+                       log: Callable[[str], None]) -> None:
+    """One condition: reused if nothing that made it changed (settings, model, and the neurons
+    file its method reads), else computed and written with its provenance."""
+    source = _NEURON_SOURCES.get(condition.method)
+    digest = condition_digest(settings, model_digest, localization.get(source) if source else None)
+    path = condition_path(run, concept, condition)
+    if path.exists():
+        with contextlib.suppress(ArtifactError):
+            if parquet_metadata(path).get("settings_digest") == digest:
+                reused.append(condition.key)
+                paths.append(path)
+                return
+    t0 = time.perf_counter()
+    frame = evaluate_condition(run, loaded, concept, condition, config, scorers)
+    remove_temp_files(path)  # what a killed run left; never read
+    write_parquet(path, frame, metadata={
+        "kind": "eval", "run": run.name, "concept": concept, "condition": asdict(condition),
+        "settings": settings, "settings_digest": digest, "model": loaded.fingerprint,
+        "localization": localization.get(source) if source else None, "seconds": time.perf_counter() - t0,
+    })
+    log(f"{concept}: {condition.key} done in {time.perf_counter() - t0:.1f} s")
+    computed.append(condition.key)
+    paths.append(path)
+
+
 def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
-                     log: Callable[[str], None] = print) -> EvalResult:
-    """Run every condition of ``config`` for ``concept`` (resuming finished ones), then summarize."""
+                     log: Callable[[str], None] = print, progress: bool = False) -> EvalResult:
+    """Run every condition of ``config`` for ``concept`` (resuming finished ones), then summarize.
+
+    ``progress`` shows a rich progress bar over the conditions (reused ones count at once; the
+    rate and the time left come from the computed ones)."""
     start = time.perf_counter()
     concept = get_concept(concept).name
     _check_localizations(run, concept, config)
@@ -499,30 +569,13 @@ def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
     localization = localization_digests(run, concept, config.methods)
     model_digest = loaded.fingerprint.get("digest")
     computed, reused, paths = [], [], []
-    for condition in conditions(config):
-        # A condition is reused only if nothing that made it changed: settings, model, and the
-        # neurons file its method reads.
-        source = _NEURON_SOURCES.get(condition.method)
-        digest = condition_digest(settings, model_digest, localization.get(source) if source else None)
-        path = condition_path(run, concept, condition)
-        if path.exists():
-            with contextlib.suppress(ArtifactError):
-                if parquet_metadata(path).get("settings_digest") == digest:
-                    reused.append(condition.key)
-                    paths.append(path)
-                    continue
-        t0 = time.perf_counter()
-        frame = evaluate_condition(run, loaded, concept, condition, config, scorers)
-        remove_temp_files(path)  # what a killed run left; never read
-        write_parquet(path, frame, metadata={
-            "kind": "eval", "run": run.name, "concept": concept, "condition": asdict(condition),
-            "settings": settings, "settings_digest": digest, "model": loaded.fingerprint,
-            "localization": localization.get(source) if source else None, "seconds": time.perf_counter() - t0,
-        })
-        log(f"{concept}: {condition.key} done in {time.perf_counter() - t0:.1f} s")
-        computed.append(condition.key)
-        paths.append(path)
-    keys = [c.key for c in conditions(config)]
+    todo = conditions(config)
+    with _ConditionProgress(f"{concept}: conditions", len(todo), progress) as bar:
+        for condition in todo:
+            _evaluate_or_reuse(run, loaded, concept, condition, config, scorers, settings, localization,
+                               model_digest, computed, reused, paths, log)
+            bar.advance(computed=condition.key in computed)
+    keys = [c.key for c in todo]
     # The conditions of this call are the concept's current ones: tables and reports use them
     # alone, and list every other condition file as stale (see condition_files).
     run.record_stage(run.eval_stage, concept, "done", conditions=keys, settings=settings)

@@ -219,3 +219,17 @@ def test_relocalizing_recomputes_only_the_edited_conditions(tiny_run):
     localize_concept(run, "openness", quantile=0.8, d_threshold=0.1, layers="all")
     again = ev.evaluate_concept(run, loaded, "openness", config, log=lambda m: None)
     assert again.computed == ["dpnle-up-g1"] and again.reused == ["none"]
+
+
+def test_condition_progress_counts_every_condition_and_rates_only_computed_ones():
+    bar = ev._ConditionProgress("openness: conditions", 3, enabled=True)
+    with bar:
+        bar.advance(computed=False)  # reused: counted, no rate yet
+        task = bar._progress.tasks[0]
+        assert task.completed == 1 and task.fields["rate"] == ""
+        bar.advance(computed=True)
+        bar.advance(computed=True)
+        assert task.completed == 3 and task.fields["rate"].endswith("s/condition, ~0 min left")
+    assert bar._progress is None
+    with ev._ConditionProgress("off", 2, enabled=False) as off:  # disabled: a no-op
+        off.advance(computed=True)

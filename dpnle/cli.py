@@ -531,15 +531,7 @@ def edit_eval(
                                      progress=console.is_terminal)
         console.print(f"[green]{concept.name}[/]: {len(result.computed)} condition(s) computed, "
                       f"{len(result.reused)} reused, {result.seconds:.0f} s")
-    summary = ev.summarize(ev.load_eval(target), ev.load_validity(target))
-    table = ev.paper_table(summary)
-    stale = ev.stale_note(ev.condition_files(target))
-    markdown = ev.to_markdown(table) + (f"\n{stale}\n" if stale else "")
-    from dpnle.runs import write_parquet
-
-    write_parquet(target.eval_dir / "paper_table.parquet", table, metadata={"kind": "paper-table", "run": target.name})
-    (target.eval_dir / "summary.md").write_text(markdown)
-    console.print(markdown, highlight=False)
+    console.print(ev.write_run_tables(target), highlight=False)
 
 
 def _check_edit_options(positions: str, mode: str) -> None:

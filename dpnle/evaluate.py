@@ -40,6 +40,7 @@ from dpnle.runs import (
     ArtifactError,
     InputError,
     Run,
+    atomic_path,
     parquet_metadata,
     read_parquet,
     remove_temp_files,
@@ -870,6 +871,19 @@ def _add_null(out: pd.DataFrame, method: str, prefix: str) -> None:
 
 
 TABLE_KINDS = ("all", "personality", "capability")
+
+
+def write_run_tables(run: Run) -> str:
+    """The paper table of a run's current conditions, written as ``paper_table.parquet`` and
+    ``summary.md`` next to its eval folders (what ``dpnle edit-eval`` leaves); returns the Markdown
+    (with the note on stale condition files, if any)."""
+    table = paper_table(summarize(load_eval(run), load_validity(run)))
+    stale = stale_note(condition_files(run))
+    markdown = to_markdown(table) + (f"\n{stale}\n" if stale else "")
+    write_parquet(run.eval_dir / "paper_table.parquet", table, metadata={"kind": "paper-table", "run": run.name})
+    with atomic_path(run.eval_dir / "summary.md") as tmp:
+        tmp.write_text(markdown)
+    return markdown
 
 
 def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:

@@ -150,3 +150,21 @@ def test_matched_cost_section_figure_and_table(built):
         tuple(np.percentile(draws, [2.5, 97.5])), abs=1e-9)
     low = matched[(matched["method"] == "random") & np.isclose(matched["kl"], 0.03)]
     assert low["delta"].isna().all() and (low["n_draws"] == 0).all()  # below the random sweep: no extrapolation
+
+
+def test_write_run_tables_leaves_what_edit_eval_leaves(tmp_path):
+    """The library writes the paper table and summary.md a Python caller gets, as the CLI does."""
+    from test_report import make_full_run
+
+    from dpnle import evaluate as ev
+
+    run = make_full_run(tmp_path)
+    markdown = ev.write_run_tables(run)
+    table = pd.read_parquet(run.eval_dir / "paper_table.parquet")
+    assert (run.eval_dir / "summary.md").read_text() == markdown
+    assert markdown.startswith("| concept | method | neurons | gamma |")
+    assert set(table["concept"]) == {"openness", "extraversion", "neuroticism", "power", "security", "universalism"}
+    # make_full_run's IPIP-120 failed its validity check for every trait: said in every such cell.
+    cells = table.loc[table["concept"] == "openness", "ipip120/likert up"].dropna()
+    assert len(cells) and all(c.endswith(" [invalid]") for c in cells)
+    assert not list(run.eval_dir.glob(".summary.md.*"))  # written atomically, no temp left

@@ -175,16 +175,19 @@ paper-tables: table-personality table-capability table-leakage
 # Specificity on the embedded model: the demo's capture and localization, then DPN-LE against
 # SPEC_DRAWS size-matched random edits and as many magnitude-only draws, at SPEC_GAMMAS, on
 # IPIP-300's held-out items with each condition's KL cost (suite "specificity" of run RUN).
+# The default (raise each trait, gammas 1 and 4: 83 conditions per trait) takes about 40 min on a
+# 2-core CPU; SPEC_DIRECTIONS=up,down doubles it.
 SPEC_DRAWS ?= 20
-SPEC_GAMMAS ?= 1,2,4
-SPEC_ITEMS ?= 12
+SPEC_GAMMAS ?= 1,4
+SPEC_DIRECTIONS ?= up
+SPEC_ITEMS ?= 8
 .PHONY: specificity
 specificity: setup
 	$(DPNLE) data fetch personalitybench questionnaires
 	$(DPNLE) collect-activations --model $(MODEL) --run $(RUN) --all-traits --num-pairs $(DEMO_PAIRS)
 	$(DPNLE) localize --run $(RUN) --all
 	$(DPNLE) edit-eval --run $(RUN) --suite specificity --all-traits --methods dpnle,random,random-mag,none \
-		--gammas $(SPEC_GAMMAS) --random-draws $(SPEC_DRAWS) --benchmarks ipip300-test,neutral \
+		--directions $(SPEC_DIRECTIONS) --gammas $(SPEC_GAMMAS) --random-draws $(SPEC_DRAWS) --benchmarks ipip300-test,neutral \
 		--scorers likert,statement --limit $(SPEC_ITEMS) --validity-personas 2
 	$(DPNLE) tables --run $(RUN) --suite specificity --kind personality
 	$(DPNLE) tables --run $(RUN) --suite specificity --kind matched

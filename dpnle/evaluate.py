@@ -967,17 +967,20 @@ def _fmt_effect(part: pd.DataFrame) -> str:
 
 
 def _fmt_null(r: pd.Series) -> str:
-    """`` p_null 0.05 q 0.10 (N=19)`` for a DPN-LE row tested against random draws, then
-    `` p_mag 0.05 q 0.10 (N=20)`` where it was tested against magnitude-only draws, else ``""``."""
+    """`` p_null 0.05 z +2.10 q 0.10 (N=19)`` for a DPN-LE row tested against random draws, then
+    `` p_mag 0.05 z +1.30 q 0.10 (N=20)`` where it was tested against magnitude-only draws, else
+    ``""`` (z only where defined: N >= 2 and draws that differ)."""
     if r.get("method") not in NULL_TESTED:
         return ""
     text = ""
     for prefix, label in (("null_", "p_null"), ("mag_null_", "p_mag")):
         n, p, q = r.get(prefix + "n", np.nan), r.get(prefix + "p", np.nan), r.get(prefix + "q", np.nan)
+        z = r.get(prefix + "z", np.nan)
         if not (n >= 1) or not np.isfinite(p):
             continue
+        z_text = f" z {z:+.2f}" if np.isfinite(z) else ""
         q_text = f" q {_fmt_p(q)}" if np.isfinite(q) else ""
-        text += f" {label} {_fmt_p(p)}{q_text} (N={int(n)})"
+        text += f" {label} {_fmt_p(p)}{z_text}{q_text} (N={int(n)})"
     return text
 
 

@@ -284,14 +284,15 @@ def test_paper_cell_shows_both_nulls():
     r = pick(summary, "openness", "openness")
     cell = table.loc[table["method"] == "dpnle", "ipip120/likert up"].item()
     prefix = f"{r['delta']:+.3f} ({r['ci_low']:+.3f},{r['ci_high']:+.3f})"
-    assert cell == f"{prefix} p_null 0.10 q 0.10 (N=9) p_mag 0.25 q 0.25 (N=7) [unchecked]"
+    z, z_mag = f"{r['null_z']:+.2f}", f"{r['mag_null_z']:+.2f}"
+    assert cell == f"{prefix} p_null 0.10 z {z} q 0.10 (N=9) p_mag 0.25 z {z_mag} q 0.25 (N=7) [unchecked]"
     mag_cell = table.loc[table["method"] == "random-mag", "ipip120/likert up"].item()
     assert "p_null" not in mag_cell and "p_mag" not in mag_cell and "[" in mag_cell  # mean [min..max] of draws
     assert list(table["method"]) == ["dpnle", "random", "random-mag", "none"]
     # Without magnitude-only draws the cell is what it was.
     plain = ev.paper_table(ev.summarize(rows[rows["method"] != "random-mag"]))
     assert plain.loc[plain["method"] == "dpnle", "ipip120/likert up"].item() == \
-        f"{prefix} p_null 0.10 q 0.10 (N=9) [unchecked]"
+        f"{prefix} p_null 0.10 z {z} q 0.10 (N=9) [unchecked]"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def test_existing_columns_are_unchanged_and_paper_cell_keeps_its_prefix():
     cell = table.loc[table["method"] == "dpnle", "ipip120/likert up"].item()
     r = row(summary, "openness", "openness")
     prefix = f"{r['delta']:+.3f} ({r['ci_low']:+.3f},{r['ci_high']:+.3f})"
-    assert cell == f"{prefix} p_null 0.10 q 0.10 (N=9) [unchecked]"
+    assert cell == f"{prefix} p_null 0.10 z {r['null_z']:+.2f} q 0.10 (N=9) [unchecked]"
     random_cell = table.loc[table["method"] == "random", "ipip120/likert up"].item()
     assert "p_null" not in random_cell
     assert ev.MIN_NULL_DRAWS == 20

@@ -172,6 +172,19 @@ table-leakage: paper-eval-ipip
 paper-tables: table-personality table-capability table-leakage
 	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-ipip --kind matched
 
+# The same GSM8K edit-eval on both engines (from the vLLM venv, so both use one transformers),
+# into suites engine-hf and engine-vllm of run RUN, compared item by item: outputs must be the
+# same text and scores equal (scripts/compare_suites.py exits 1 otherwise).
+PARITY_EVAL = --trait $(PARITY_TRAIT) --methods dpnle,none --directions up --gammas 4 --benchmarks gsm8k \
+	--capability-limit $(PARITY_ITEMS)
+PARITY_TRAIT ?= extraversion
+PARITY_ITEMS ?= 8
+.PHONY: engine-parity
+engine-parity: setup-vllm
+	$(VLLM_VENV)/bin/dpnle edit-eval --run $(RUN) --suite engine-hf --engine hf $(PARITY_EVAL)
+	$(VLLM_VENV)/bin/dpnle edit-eval --run $(RUN) --suite engine-vllm --engine vllm $(PARITY_EVAL)
+	$(VLLM_PY) scripts/compare_suites.py --run $(RUN) engine-hf engine-vllm
+
 # Specificity on the embedded model: the demo's capture and localization, then DPN-LE against
 # SPEC_DRAWS size-matched random edits and as many magnitude-only draws, at SPEC_GAMMAS, on
 # IPIP-300's held-out items with each condition's KL cost (suite "specificity" of run RUN).

@@ -1022,6 +1022,68 @@ def _answer_section(summary: pd.DataFrame, root: Path, tables: dict[str, Path]) 
     return blocks
 
 
+SAMPLE_ITEMS = 2  # generated answers shown per concept and benchmark
+SAMPLE_CHARS = 400
+SAMPLE_METHODS = ("dpnle", "dpnle-w", "npti", "caa", "prompt")
+SAMPLE_COLUMNS = ["concept", "benchmark", "item", "prompt", "edit", "no edit", "up", "down"]
+
+
+def answer_samples(rows: pd.DataFrame) -> pd.DataFrame:
+    """A few generated answers side by side, to read what steering does to the text.
+
+    Per concept and generating benchmark (GSM8K, HotpotQA, PersonalityBench): the first
+    ``SAMPLE_ITEMS`` items the unedited model answered, with the answers under the first of
+    ``SAMPLE_METHODS`` the run used, up and down, at the gamma closest to 1; each answer cut to
+    ``SAMPLE_CHARS`` characters.
+    """
+    from dpnle.evaluate import GENERATING
+
+    if rows.empty or "output" not in rows.columns:
+        return pd.DataFrame(columns=SAMPLE_COLUMNS)
+    generated = rows[rows["benchmark"].isin(GENERATING)]
+    records = []
+    for (concept, benchmark), part in generated.groupby(["concept", "benchmark"], sort=False):
+        base = part[part["method"] == "none"].drop_duplicates("item_id")
+        method = next((m for m in SAMPLE_METHODS if (part["method"] == m).any()), None)
+        if base.empty or method is None:
+            continue
+        answers: dict[str, pd.Series] = {}
+        label = _label(method)
+        for direction in ("up", "down"):
+            own = part[(part["method"] == method) & (part["direction"] == direction)]
+            if own.empty:
+                continue
+            if method != "prompt":
+                gamma = min(own["gamma"].astype(float), key=lambda g: (abs(g - 1.0), -g))
+                own = own[own["gamma"].astype(float) == gamma]
+                label = f"{_label(method)}, gamma {gamma:g}"
+            answers[direction] = own.drop_duplicates("item_id").set_index("item_id")["output"]
+        for _, r in base.head(SAMPLE_ITEMS).iterrows():
+            item = r["item_id"]
+            records.append({
+                "concept": concept, "benchmark": benchmark, "item": item, "prompt": _clip(r["prompt"], 160),
+                "edit": label, "no edit": _clip(r["output"], SAMPLE_CHARS),
+                **{d: _clip(answers[d].get(item), SAMPLE_CHARS) if d in answers else "" for d in ("up", "down")},
+            })
+    return pd.DataFrame(records, columns=SAMPLE_COLUMNS)
+
+
+def _clip(text: Any, limit: int) -> str:
+    """``text`` cut to ``limit`` characters (an ellipsis marks the cut); "" for a missing one."""
+    return _short(text, limit) if isinstance(text, str) else ""
+
+
+def _samples_section(rows: pd.DataFrame, root: Path, tables: dict[str, Path]) -> list[Block]:
+    samples = answer_samples(rows)
+    if samples.empty:
+        return []
+    tables["samples"] = write_parquet(root / "samples.parquet", samples, metadata={"kind": "report", "table": "samples"})
+    return [Heading("What the edits do to generated text"), Text(
+        f"The first {SAMPLE_ITEMS} items of each generating benchmark per concept, answered with no edit and "
+        f"under the edit up and down (answers cut at {SAMPLE_CHARS} characters; every answer is in the eval "
+        "Parquet files)."), TableBlock(samples, "Answers side by side")]
+
+
 def _matched_section(summary: pd.DataFrame, root: Path, figures: list[Path], tables: dict[str, Path]) -> list[Block]:
     """Target change against cost (KL) per method, with the random band; the matched-cost table."""
     from dpnle.evaluate import QUESTIONNAIRES
@@ -1256,6 +1318,7 @@ def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None
             blocks += _eval_sections(run, rows, validity, tmp, figures, tables, notes, summary=summary)
             say("matched-cost comparison")
             blocks += _matched_section(summary, tmp, figures, tables)
+            blocks += _samples_section(rows, tmp, tables)
         if stale:
             blocks += [Heading("Stale results (left out)"), Text(stale)]
         blocks += _run_section(run, manifest)

@@ -168,3 +168,39 @@ def test_write_run_tables_leaves_what_edit_eval_leaves(tmp_path):
     cells = table.loc[table["concept"] == "openness", "ipip120/likert up"].dropna()
     assert len(cells) and all(c.endswith(" [invalid]") for c in cells)
     assert not list(run.eval_dir.glob(".summary.md.*"))  # written atomically, no temp left
+
+
+def _generated_rows(concepts, conditions, items=3) -> pd.DataFrame:
+    records = []
+    for concept in concepts:
+        for cond in [Condition("none"), *conditions]:
+            for i in range(items):
+                text = f"{concept} {cond.key} answer {i} " + ("x" * 500 if i == 1 else "")
+                records.append({"concept": concept, "condition": cond.key, "method": cond.method,
+                                "direction": cond.direction, "gamma": float(cond.gamma), "seed": cond.seed,
+                                "benchmark": "gsm8k", "scorer": "exact", "item_id": f"q{i}", "dimension": "",
+                                "key": np.nan, "prompt": f"question {i}", "output": text, "raw": 1.0, "score": 1.0,
+                                "chance": np.nan, "num_neurons": 0 if cond.method in ("none", "prompt") else 40})
+    return pd.DataFrame(records)
+
+
+def test_generated_answers_are_shown_side_by_side(tmp_path):
+    run = new_run("samples", tmp_path)
+    write_neurons(run, "openness", seed=0)
+    conditions = [Condition("dpnle", d, g) for d in ("up", "down") for g in (0.5, 1.0)]
+    rows = pd.concat([_generated_rows(["openness"], conditions),
+                      synthetic_rows("ipip120", "likert", TRAITS5, ["openness"], conditions, shift, n_items=4)],
+                     ignore_index=True)
+    write_eval(run, rows)
+    result = report.build_report(run)
+    samples = pd.read_parquet(result.tables["samples"])
+    assert list(samples["item"]) == ["q0", "q1"]  # the first SAMPLE_ITEMS items, in order
+    first = samples.iloc[0]
+    assert (first["edit"], first["prompt"]) == ("DPN-LE, gamma 1", "question 0")
+    assert first["no edit"] == "openness none answer 0 "
+    assert first["up"] == f"openness {Condition('dpnle', 'up', 1.0).key} answer 0 "
+    assert first["down"] == f"openness {Condition('dpnle', 'down', 1.0).key} answer 0 "
+    assert len(samples.iloc[1]["no edit"]) == report.SAMPLE_CHARS and samples.iloc[1]["no edit"].endswith("…")
+    assert "## What the edits do to generated text" in result.report_md.read_text()
+    # A run without generated text has no such section.
+    assert report.answer_samples(rows[rows["benchmark"] != "gsm8k"]).empty

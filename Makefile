@@ -188,10 +188,12 @@ engine-parity: setup-vllm
 # Specificity on the embedded model: the demo's capture and localization, then DPN-LE against
 # SPEC_DRAWS size-matched random edits and as many magnitude-only draws, at SPEC_GAMMAS, on
 # IPIP-300's held-out items with each condition's KL cost (suite "specificity" of run RUN).
-# The default (raise each trait, gammas 1 and 4: 83 conditions per trait) takes about 40 min on a
-# 2-core CPU; SPEC_DIRECTIONS=up,down doubles it.
+# The default (raise each trait: 63 conditions per trait) takes about 40 min on a 2-core CPU;
+# SPEC_DIRECTIONS=up,down doubles it.
 SPEC_DRAWS ?= 20
-SPEC_GAMMAS ?= 1,4
+# DPN-LE and the random control at gammas 1 and 4 (a sweep for the cost curves), the
+# magnitude-only null at gamma 1.
+SPEC_GAMMAS ?= dpnle=1,dpnle=4,random=1,random=4,random-mag=1
 SPEC_DIRECTIONS ?= up
 SPEC_ITEMS ?= 8
 .PHONY: specificity

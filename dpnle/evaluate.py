@@ -924,7 +924,8 @@ def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
             for direction in ("up", "down"):
                 d = sub[sub["direction"] == direction]
                 if len(d):
-                    row[f"{tag} {direction}"] = _fmt_effect(d) + mark
+                    cell = _fmt_effect(d)
+                    row[f"{tag} {direction}"] = cell if cell == NO_BASELINE else cell + mark
             if method == "none":
                 row[f"{tag} score"] = f"{sub['mean'].iloc[0]:.3f}" + mark
         cap = capability[(capability["concept"] == concept) & (capability["method"] == method)
@@ -955,10 +956,13 @@ def _by_direction(part: pd.DataFrame, column: str, fmt: str) -> str:
     return " / ".join(f"{d} {fmt.format(values[d])}" for d in ("up", "down") if d in values.index)
 
 
+NO_BASELINE = "no baseline"
+
+
 def _fmt_effect(part: pd.DataFrame) -> str:
     if "delta" not in part or part["delta"].isna().all():
         # A change needs the unedited scores of the same items: without them, no number.
-        return "no baseline"
+        return NO_BASELINE
     if len(part) > 1:  # random draws: mean and range of the draws' changes
         return f"{part['delta'].mean():+.3f} [{part['delta'].min():+.3f}..{part['delta'].max():+.3f}]"
     r = part.iloc[0]

@@ -575,6 +575,7 @@ def fig_matched(points: pd.DataFrame, matched: pd.DataFrame, title: str, path: P
     KL of 0 (no edit) stays on it.
     """
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogFormatter
 
     concepts = lk.concept_order(points["concept"])
     directions = [d for d in ("up", "down") if d in set(points["direction"])]
@@ -614,8 +615,12 @@ def fig_matched(points: pd.DataFrame, matched: pd.DataFrame, title: str, path: P
                     ax.annotate(f"{row['gamma']:g}", (row["kl"], row["delta"]), textcoords="offset points",
                                 xytext=(3, 3), fontsize=6, color=color)
             ax.set_xscale("log")
+            # Plain-text tick labels: the default log formatter renders through mathtext (and
+            # pyparsing), which some matplotlib / pyparsing pairs warn about.
+            ax.xaxis.set_major_formatter(LogFormatter())
+            ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
             ax.set_title(f"{concept}, {direction}", fontsize=9)
-            ax.tick_params(labelsize=7)
+            ax.tick_params(labelsize=7, which="both")
             ax.grid(alpha=0.25)
             if k == 0:
                 ax.set_ylabel("target change Δt", fontsize=8)

@@ -249,7 +249,10 @@ def parse_gammas(text: str) -> dict[str, tuple[float, ...]]:
         raise EvalError(f"--gammas {text!r} has an empty item; pass e.g. --gammas 0.5,1,1.5 or "
                         "--gammas dpnle=0.8,npti=1.4.")
     for part in parts:
-        method, _, value = part.rpartition("=")
+        method, named, value = part.rpartition("=")
+        if named and not method.strip():
+            raise EvalError(f"--gammas: {part!r} names no method; pass e.g. --gammas 0.5,1,1.5 or "
+                            "--gammas dpnle=0.8,npti=1.4.")
         method = method.strip().lower() or "*"
         try:
             number = float(value)

@@ -408,6 +408,7 @@ def test_edit_options_refused_before_the_model_loads(capsys, runs, option, value
     (["--open-ended-limit", "-1"], "--open-ended-limit must be 0 (all items) or a positive count, not -1."),
     (["--gammas", "1,,2"], "--gammas '1,,2' has an empty item; pass e.g. --gammas 0.5,1,1.5 or --gammas dpnle=0.8,npti=1.4."),
     (["--gammas", "1,"], "--gammas '1,' has an empty item"),
+    (["--gammas", "=1"], "--gammas: '=1' names no method"),
     (["--directions", "up,"], "--directions 'up,' has an empty item; pass e.g. --directions up,down."),
     (["--methods", "dpnle,,none"], "--methods 'dpnle,,none' has an empty item"),
 ])

@@ -102,6 +102,46 @@ test-vllm: setup-vllm
 lint: setup
 	$(VENV)/bin/ruff check dpnle tests benchmarks
 
+# lm-evaluation-harness tasks under an edit (dpnle edit-eval --benchmarks lmeval:<task>, dpnle/lmeval.py)
+# live in their own venv: lm-eval brings some 40 packages (datasets, evaluate, scikit-learn, ...) the
+# main lock does not need, and one of them (typepy) caps python-dateutil below the lock's. Installed as
+# `make setup` does, without resolving anything: torch from $(TORCH), the lock, then
+# requirements-lmeval.txt (lm-eval and its dependencies, hash-checked), then dpnle itself.
+LMEVAL_VENV ?= .venv-lmeval
+LMEVAL_PY := $(LMEVAL_VENV)/bin/python
+LMEVAL_STAMP := $(LMEVAL_VENV)/.dpnle-setup-lmeval
+LMEVAL ?= lm-eval==0.4.13
+.PHONY: setup-lmeval test-lmeval lock-lmeval
+setup-lmeval: $(LMEVAL_STAMP)
+
+$(LMEVAL_STAMP): pyproject.toml requirements.lock requirements-lmeval.txt
+	test -x $(LMEVAL_PY) || $(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_PY) -c "import torch" 2>/dev/null || $(LMEVAL_PY) -m pip install "$(TORCH)"
+	$(LMEVAL_PY) -m pip install --require-hashes --no-deps -r requirements.lock
+	$(LMEVAL_PY) -m pip install --require-hashes --no-deps -r requirements-lmeval.txt
+	$(LMEVAL_PY) -m pip install --no-deps -e .
+	$(LMEVAL_PY) -m pip check
+	$(LMEVAL_PY) -c "import lm_eval, transformers, torch; print('lm-eval', lm_eval.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+	touch $@
+
+# The lm-eval tests (a local task on a tiny model, against a hand-written forward) in .venv-lmeval;
+# they skip in the other venvs.
+test-lmeval: setup-lmeval
+	$(LMEVAL_PY) -m pytest -q tests/test_lmeval.py $(PYTEST_ARGS)
+
+# Refresh requirements-lmeval.txt: $(LMEVAL) resolved against the lock's pins (all but python-dateutil,
+# see the file's header) and torch 2.13.0. Review the diff, run `make test-lmeval`, commit it.
+lock-lmeval:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q "pip-tools>=7.4"
+	grep -E '^[A-Za-z0-9_.-]+==' requirements.lock | sed 's/ .*//' | grep -v '^python-dateutil==' > .venv-lock/lock-pins.txt
+	echo "torch==2.13.0" >> .venv-lock/lock-pins.txt
+	echo "$(LMEVAL)" > .venv-lock/lmeval.in
+	.venv-lock/bin/pip-compile -q --no-header --generate-hashes --strip-extras --unsafe-package torch \
+		--no-emit-index-url --no-emit-find-links -c .venv-lock/lock-pins.txt -o .venv-lock/lmeval.txt .venv-lock/lmeval.in
+	sed -n '1,/^#$$/p' requirements-lmeval.txt > .venv-lock/header.txt
+	cat .venv-lock/header.txt .venv-lock/lmeval.txt > requirements-lmeval.txt
+
 # The main job on the embedded default model, at demo size: DEMO_PAIRS pairs per trait instead
 # of the paper's 1,000, DEMO_ITEMS questionnaire items per trait, one random control draw.
 # `make demo DEMO_PAIRS=1000 DEMO_ITEMS=24` is the full-size run.
@@ -126,18 +166,23 @@ demo-values: setup
 # only the presets it reads (`make table-capability` alone skips the open-ended preset).
 # On a GPU workstation: make paper-tables MODEL=meta-llama/Meta-Llama-3-8B-Instruct JUDGE='openai:https://api.openai.com/v1#gpt-4o'
 # Offline (PersonalityBench's search questions are not in the mirror): PAPER_SAMPLING=dpnle.
-# ENGINE=vllm generates the capability preset's answers (GSM8K, HotpotQA) on vLLM, from the vLLM
-# venv (make setup-vllm), into suite paper-capability-vllm beside the HF engine's
-# paper-capability; the other presets stay on HF (ipip generates nothing; the open-ended preset
-# uses NPTI's per-call random mask, which only the HF path replays exactly).
+# ENGINE=vllm generates NPTI's capture responses and the capability preset's answers (GSM8K,
+# HotpotQA) on vLLM, from the vLLM venv (make setup-vllm), the answers into suite
+# paper-capability-vllm beside the HF engine's paper-capability; the other presets stay on HF
+# (ipip generates nothing; the open-ended preset uses NPTI's per-call random mask, which only
+# the HF path replays exactly).
+# LIMIT=N is a smoke run of the whole pipeline, not a measurement: N items per benchmark, 8N
+# pairs per trait (PAPER_PAIRS) and NPTI responses of 64 tokens (NPTI_TOKENS) unless set.
 JUDGE ?= none
 LIMIT ?= 0
 ENGINE ?= hf
-PAPER_PAIRS ?= 1000
+QUICK := $(filter-out 0,$(LIMIT))
+PAPER_PAIRS ?= $(if $(QUICK),$(shell echo $$(( 8 * $(LIMIT) ))),1000)
+NPTI_TOKENS ?= $(if $(QUICK),64,500)
 PAPER_RUN ?= paper-$(notdir $(MODEL))
 PAPER_SAMPLING ?= reference
 PAPER_TOKENIZATION ?= reference
-PAPER_LIMITS := $(if $(filter-out 0,$(LIMIT)),--limit $(LIMIT) --capability-limit $(LIMIT) --open-ended-limit $(LIMIT))
+PAPER_LIMITS := $(if $(QUICK),--limit $(LIMIT) --capability-limit $(LIMIT) --open-ended-limit $(LIMIT))
 PAPER_CAPTURE := --model $(MODEL) --run $(PAPER_RUN) --all-traits --num-pairs $(PAPER_PAIRS) --pair-sampling $(PAPER_SAMPLING)
 ENGINE_SUFFIX := $(if $(filter-out hf,$(ENGINE)),-$(ENGINE))
 ENGINE_DPNLE := $(if $(filter vllm,$(ENGINE)),$(VLLM_VENV)/bin/dpnle,$(DPNLE))
@@ -145,10 +190,11 @@ ENGINE_SETUP := $(if $(filter vllm,$(ENGINE)),setup-vllm)
 
 .PHONY: paper-localize paper-eval-personality paper-eval-ipip paper-eval-capability paper-run \
 	table-personality table-capability table-leakage paper-tables
-paper-localize: setup
+paper-localize: setup $(ENGINE_SETUP)
 	$(DPNLE) collect-activations $(PAPER_CAPTURE) --tokenization $(PAPER_TOKENIZATION)
 	# NPTI tokenizes its chat template to ids (one BOS): dpnle's tokenization is NPTI's.
-	$(DPNLE) collect-activations $(PAPER_CAPTURE) --site gate --policy response-mean --npti-protocol reference
+	$(ENGINE_DPNLE) collect-activations $(PAPER_CAPTURE) --site gate --policy response-mean --npti-protocol reference \
+		--max-new-tokens $(NPTI_TOKENS) --engine $(ENGINE)
 	$(DPNLE) localize --run $(PAPER_RUN) --all
 	$(DPNLE) localize --run $(PAPER_RUN) --all --method npti --npti-selection reference
 
@@ -209,4 +255,4 @@ specificity: setup
 	$(DPNLE) leakage-report --run $(RUN) --suite specificity
 
 clean-venv:
-	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lock $(VLLM_VENV)
+	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lock $(VLLM_VENV) $(LMEVAL_VENV)

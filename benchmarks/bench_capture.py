@@ -47,8 +47,8 @@ import torch
 from torch import nn
 
 from dpnle.arch import architecture
-from dpnle.batching import pad_token_id
-from dpnle.collect import _encode, _length_sorted_batches, _pad_left, collect
+from dpnle.batching import left_pad, length_sorted_batches, pad_token_id, positions_from_mask
+from dpnle.collect import collect, encode_prompts
 from dpnle.concepts import TRAITS
 from dpnle.models import load_model, resolve_source
 from dpnle.pairs import make_pairs, render_prompt, to_samples
@@ -197,12 +197,11 @@ def timed(name: str, device: torch.device, tokens: int, fn: Callable[[], int]) -
 def bare_forward(model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int) -> None:
     body = model.base_model  # decoder layers + final norm, no lm_head
     device = next(model.parameters()).device
-    encoded = _encode(tokenizer, prompts)
+    encoded = encode_prompts(tokenizer, prompts)
     pad = pad_token_id(tokenizer)
-    for positions in _length_sorted_batches(encoded, batch_size):
-        batch = _pad_left(encoded, positions, pad, device, "last")
-        position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
-        body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+    for positions in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+        input_ids, attention_mask = left_pad([encoded[i] for i in positions], pad, device)
+        body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
              use_cache=False)
 
 
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         samples = to_samples(make_pairs(trait, num_pairs=num_pairs))
         prompts += [render_prompt(tokenizer, m, p) for m, p in zip(samples["message"], samples["response_prefix"],
                                                                     strict=True)]
-    lengths = [len(e.ids) for e in _encode(tokenizer, prompts)]
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
     tokens = sum(lengths)
     batch_size: int | str = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     reference_count = min(len(prompts), args.reference_prompts or len(prompts))

@@ -12,14 +12,16 @@ Sites, per decoder layer:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from dpnle.errors import DpnleError
-
-SITES = ("mlp", "gate", "resid")
+from dpnle.vocab import SITES, Site, check_choice
 
 # Attribute paths from the top-level model to the list of decoder layers, tried in order.
 _LAYER_LIST_PATHS = (
@@ -96,9 +98,40 @@ class Architecture:
         return weight
 
 
-def check_site(site: str) -> None:
-    if site not in SITES:
-        raise ValueError(f"Unknown site {site!r}; choose one of {', '.join(SITES)}.")
+def check_site(site: Site) -> None:
+    check_choice("site", site, SITES, error=ValueError)
+
+
+def register_site_hook(
+    arch: Architecture, site: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]
+) -> RemovableHandle:
+    """Hook ``site`` of ``layer``: every forward pass through it calls ``fn`` with the site's value
+    [batch, seq, width], and a tensor ``fn`` returns replaces that value (None leaves it as it is).
+
+    ``mlp`` is the input of the output projection, read by a forward pre-hook; ``gate`` (the
+    activation's output) and ``resid`` (the decoder layer's output; a layer that returns a tuple
+    has the hidden states first) by a forward hook. Exceptions ``fn`` raises propagate out of the
+    forward pass. Remove the hook with ``handle.remove()``.
+    """
+    module = arch.module_for(site, layer)  # raises for a missing site
+    if site == "mlp":
+
+        def pre_hook(_module: nn.Module, args: tuple) -> tuple | None:
+            if not args or not torch.is_tensor(args[0]):
+                raise RuntimeError(f"Layer {layer}'s output projection was called without a positional input tensor.")
+            value = fn(args[0])
+            return None if value is None else (value, *args[1:])
+
+        return module.register_forward_pre_hook(pre_hook)
+
+    def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+        whole = torch.is_tensor(output)
+        value = fn(output if whole else output[0])
+        if value is None:
+            return None
+        return value if whole else (value, *output[1:])
+
+    return module.register_forward_hook(hook)
 
 
 def _get_path(obj: object, path: str) -> object | None:

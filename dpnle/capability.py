@@ -42,20 +42,31 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from dpnle.batching import forward_accepts, input_device, pad_token_id
+from dpnle.batching import (
+    EditLike,
+    add_special_tokens_for,
+    edit_context,
+    forward_accepts,
+    input_device,
+    left_pad,
+    length_sorted_batches,
+    pad_token_id,
+    positions_from_mask,
+    right_pad,
+)
 from dpnle.datasets import GsmItem, McItem, QaItem
 from dpnle.errors import DpnleError
 from dpnle.pairs import render_prompt
 from dpnle.paths import project_data_dir
+from dpnle.progress import subtask
 
 # Generation settings from the DPN-LE reference, src/dpn_le/vllm_general_capability.py
 # (BENCHMARK_DEFAULTS, greedy: temperature 0, top_p 1), which
@@ -108,19 +119,6 @@ ROW_COLUMNS: list[str] = [
 
 class CapabilityError(ValueError, DpnleError):
     pass
-
-
-class EditLike(Protocol):
-    """What the benchmarks need from an edit (dpnle.edits.Edit satisfies it). When the context
-    manager yields an object with ``assert_fired(new_tokens=, rows=)`` (an
-    :class:`~dpnle.edits.EditHandle`), generation calls it after every batch."""
-
-    def apply(self, model: Any, prompt_length: int | None = None) -> AbstractContextManager[Any]: ...
-
-
-def edit_context(edit: EditLike | None, model: Any, prompt_length: int | None) -> AbstractContextManager[Any]:
-    return nullcontext() if edit is None else edit.apply(model, prompt_length=prompt_length)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,27 +246,17 @@ class _Layout:
 
 def _layout(batch: Sequence[Continuation], pad_id: int, device: torch.device) -> _Layout:
     """``[left pads | prompt | continuation | right pads]``: every prompt ends at column P."""
-    width_p = max(len(r.prompt_ids) for r in batch)
-    width_c = max(len(r.continuation_ids) for r in batch)
-    ids = torch.full((len(batch), width_p + width_c), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, req in enumerate(batch):
-        p, c = len(req.prompt_ids), len(req.continuation_ids)
-        ids[row, width_p - p : width_p] = torch.tensor(req.prompt_ids)
-        if c:
-            ids[row, width_p : width_p + c] = torch.tensor(req.continuation_ids)
-        mask[row, width_p - p : width_p + c] = 1
-    # Positions count real tokens only, so a row's result does not depend on its padding
-    # (needed for absolute-position models; RoPE models would tolerate a shift).
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cont_mask = mask[:, width_p:].bool()
+    prompt_ids, prompt_mask = left_pad([r.prompt_ids for r in batch], pad_id, device)
+    continuation_ids, continuation_mask = right_pad([r.continuation_ids for r in batch], pad_id, device)
+    mask = torch.cat([prompt_mask, continuation_mask], dim=1)
     return _Layout(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        continuation_mask=cont_mask.to(device),
-        continuation_ids=ids[:, width_p:].to(device),
-        prompt_length=width_p,
+        input_ids=torch.cat([prompt_ids, continuation_ids], dim=1),
+        attention_mask=mask,
+        # Positions count real tokens only, so a row's result does not depend on its padding.
+        position_ids=positions_from_mask(mask),
+        continuation_mask=continuation_mask.bool(),
+        continuation_ids=continuation_ids,
+        prompt_length=prompt_ids.shape[1],
     )
 
 
@@ -298,16 +286,10 @@ def _continuation_logits(model: Any, layout: _Layout) -> torch.Tensor:
     return _last_logits(model, layout, width_c + 1)[:, :width_c]
 
 
-def _batches(order: Sequence[int], size: int) -> list[list[int]]:
-    return [list(order[i : i + size]) for i in range(0, len(order), size)]
-
-
-def _length_order(requests: Sequence[Continuation]) -> list[int]:
-    # Similar lengths share a batch (less padding); ties keep input order, so it is deterministic.
-    return sorted(
-        range(len(requests)),
-        key=lambda i: (len(requests[i].prompt_ids), len(requests[i].continuation_ids)),
-    )
+def _length_batches(requests: Sequence[Continuation], size: int) -> list[np.ndarray]:
+    """Batches of ``requests``, shortest (prompt, then continuation) first; ties keep input order."""
+    lengths = [(len(r.prompt_ids), len(r.continuation_ids)) for r in requests]
+    return length_sorted_batches(lengths, size, descending=False)
 
 
 @torch.no_grad()
@@ -339,7 +321,7 @@ def continuation_logprobs(
             longer.append(request)
             longer_index.append(i)
     prompts = [Continuation(p, ()) for p in by_prompt]
-    for index in _batches(_length_order(prompts), batch_size):
+    for index in _length_batches(prompts, batch_size):
         layout = _layout([prompts[k] for k in index], pad_id, device)
         with edit_context(edit, model, layout.prompt_length):
             logits = _last_logits(model, layout, 1)[:, -1]
@@ -347,7 +329,7 @@ def continuation_logprobs(
         for row, k in enumerate(index):
             for i in by_prompt[prompts[k].prompt_ids]:
                 out[i] = float(logprobs[row, requests[i].continuation_ids[0]])
-    for index in _batches(_length_order(longer), batch_size):
+    for index in _length_batches(longer, batch_size):
         layout = _layout([longer[i] for i in index], pad_id, device)
         with edit_context(edit, model, layout.prompt_length):
             logits = _continuation_logits(model, layout)
@@ -466,10 +448,7 @@ def score_multiple_choice(
 
 
 def _encode_rendered(tokenizer: Any, text: str) -> list[int]:
-    # A chat template already writes the special tokens (BOS included); adding them again
-    # would double the BOS on Llama-style tokenizers.
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=add_special_tokens_for(tokenizer))["input_ids"])
 
 
 def _greedy_config(model: Any, tokenizer: Any, max_new_tokens: int, repetition_penalty: float) -> Any:
@@ -503,37 +482,38 @@ def generate_texts(
     repetition_penalty: float,
     batch_size: int = 8,
     engine: Any = None,
+    label: str = "answers",
 ) -> list[str]:
     """Batched greedy generation from already-rendered prompts (left padding); returns the new
     text of each prompt, special tokens removed, stripped. ``engine`` (a
     :class:`dpnle.engines.VLLMEngine`) generates instead of ``model.generate``, with the same
-    token ids, greedy settings, stopping rule and edit."""
+    token ids, greedy settings, stopping rule and edit. Under an open progress bar, ``label``
+    names the line that counts the answers (:func:`dpnle.progress.subtask`)."""
     if batch_size < 1:
         raise CapabilityError("batch_size must be at least 1.")
     encoded = [_encode_rendered(tokenizer, p) for p in prompts]
     config = _greedy_config(model, tokenizer, max_new_tokens, repetition_penalty)
-    if engine is not None:
-        return engine.generate_texts(tokenizer, encoded, edit=edit, config=config)
-    device = input_device(model)
-    pad_id = pad_token_id(tokenizer)
-    outputs = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    for index in _batches(order, batch_size):
-        width = max(len(encoded[i]) for i in index)
-        ids = torch.full((len(index), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(index):
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        with edit_context(edit, model, ids.shape[1]) as handle:
-            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            if hasattr(handle, "assert_fired"):
-                # An edit that should have changed this batch's generation and did not is an error.
-                handle.assert_fired(new_tokens=int(generated.shape[1] - width), rows=len(index))
-        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-        for row, i in enumerate(index):
-            outputs[i] = texts[row].strip()
+    with subtask(f"{label} (up to {max_new_tokens} tokens)", len(prompts)) as advance:
+        if engine is not None:
+            outputs = engine.generate_texts(tokenizer, encoded, edit=edit, config=config)
+            advance(len(outputs))
+            return outputs
+        device = input_device(model)
+        pad_id = pad_token_id(tokenizer)
+        outputs = [""] * len(prompts)
+        # Shortest first; ties keep input order.
+        for index in length_sorted_batches([len(e) for e in encoded], batch_size, descending=False):
+            ids, mask = left_pad([encoded[i] for i in index], pad_id, device)
+            width = ids.shape[1]
+            with edit_context(edit, model, ids.shape[1]) as handle:
+                generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                if hasattr(handle, "assert_fired"):
+                    # An edit that should have changed this batch's generation and did not is an error.
+                    handle.assert_fired(new_tokens=int(generated.shape[1] - width), rows=len(index))
+            texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            for row, i in enumerate(index):
+                outputs[i] = texts[row].strip()
+            advance(len(index))
     return outputs
 
 
@@ -560,7 +540,7 @@ def score_gsm8k(
     prompts = [render_prompt(tokenizer, GSM8K_INSTRUCTION.format(question=item.question)) for item in items]
     outputs = generate_texts(
         model, tokenizer, prompts, edit=edit, max_new_tokens=max_new_tokens,
-        repetition_penalty=GSM8K_REPETITION_PENALTY, batch_size=batch_size, engine=engine,
+        repetition_penalty=GSM8K_REPETITION_PENALTY, batch_size=batch_size, engine=engine, label="GSM8K answers",
     )
     rows = []
     for item, prompt, output in zip(items, prompts, outputs, strict=True):
@@ -585,6 +565,7 @@ def score_hotpotqa(
     outputs = generate_texts(
         model, tokenizer, prompts, edit=edit, max_new_tokens=max_new_tokens,
         repetition_penalty=HOTPOTQA_REPETITION_PENALTY, batch_size=batch_size, engine=engine,
+        label="HotpotQA answers",
     )
     rows = []
     for item, prompt, output in zip(items, prompts, outputs, strict=True):
@@ -779,7 +760,7 @@ def _neutral_layouts(
     device = input_device(model)
     pad_id = pad_token_id(tokenizer)
     layouts = (_layout([requests[i] for i in index], pad_id, device)
-               for index in _batches(_length_order(requests), batch_size))
+               for index in _length_batches(requests, batch_size))
     return corpus, requests, layouts
 
 

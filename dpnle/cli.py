@@ -167,6 +167,11 @@ def collect_activations(
                                                     "minus the last, i.e. its decode-step inputs; every layer unless "
                                                     "--layers is given on the command line). Recorded in the capture "
                                                     "key: one is never reused for the other.")] = "dpnle",
+    engine: Annotated[str, typer.Option(help="What generates --policy response-mean's responses: hf (transformers "
+                                             "generate) or vllm (as NPTI's own code; `make setup-vllm`). The "
+                                             "activations are read by the hf model either way; the engine is in "
+                                             "the capture key.")] = "hf",
+    tensor_parallel_size: Annotated[int, typer.Option(help="--engine vllm: GPUs one model is split over.")] = 1,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: the best available).")] = None,
     device_map: DeviceMapOpt = None,
@@ -196,6 +201,19 @@ def collect_activations(
     check_npti_protocol(npti_protocol, policy)
     max_new_tokens = resolve_max_new_tokens(max_new_tokens, npti_protocol)
     check_options(site, policy, batch, shard_size, max_new_tokens, tokenization)
+    from dpnle.engines import check_engine
+
+    engine = check_engine(engine)
+    if engine != "hf" and policy != "response-mean":
+        raise InputError(f"--engine {engine} generates responses, and --policy {policy} generates none: drop --engine, "
+                         "or pass --policy response-mean.")
+    if engine != "hf" and num_processes > 1:
+        raise InputError(f"--engine {engine} captures in one process: drop --num-processes (vLLM splits a model over "
+                         "GPUs with --tensor-parallel-size).")
+    if tensor_parallel_size < 1:
+        raise InputError(f"--tensor-parallel-size must be at least 1, not {tensor_parallel_size}.")
+    if tensor_parallel_size > 1 and engine == "hf":
+        raise InputError("--tensor-parallel-size splits the model over GPUs inside vLLM: pass --engine vllm.")
     check_pair_sampling(pair_sampling, pair_seed)
     _check_layer_syntax(layers)
     check_writable(run_location(run or default_run_name(resolve_model_id(model))), "run folder")
@@ -246,12 +264,14 @@ def collect_activations(
     target = workers.main_first(open_target)
     say(f"[bold]run[/] {target.path}  [bold]model[/] {loaded.model_id} ({loaded.fingerprint.get('digest')})"
         + (f"  [bold]processes[/] {workers.world}" if workers.distributed else ""))
+    from dpnle.engines import engine_for
+
+    generator = engine_for(loaded, engine, tensor_parallel_size=tensor_parallel_size)
     for concept in concepts:
         summary = collect_concept(
             target, loaded, concept.name, pairs=pair_sets[concept.name], site=site, policy=policy, layers=layer_list,
             batch_size=batch, shard_size=shard_size, overwrite=overwrite, max_new_tokens=max_new_tokens,
-            npti_protocol=npti_protocol,
-            workers=workers, tokenization=tokenization,
+            npti_protocol=npti_protocol, workers=workers, tokenization=tokenization, engine=generator,
         )
         say(
             f"[green]captured[/] {concept.name}: {summary.num_samples} samples, {summary.num_tokens} tokens, "
@@ -463,9 +483,12 @@ def edit_eval(
                                              "unnamed values.")] = "1",
     benchmarks: Annotated[str | None, typer.Option(help="Comma list of: ipip120, ipip300-test, ipip300, pvq40, gsm8k, "
                                                  "mmlu, arc, hellaswag, truthfulqa, hotpotqa, neutral (KL and "
-                                                 "perplexity on neutral text), personalitybench. Default: traits on "
-                                                 "IPIP-300's 180 held-out items (ipip300-test; the validity check reads "
-                                                 "the other 120), values on pvq40, and neutral.")] = None,
+                                                 "perplexity on neutral text), personalitybench, lmeval:<task>[@metric] "
+                                                 "(any lm-evaluation-harness task; `make setup-lmeval`). Default: traits "
+                                                 "on IPIP-300's 180 held-out items (ipip300-test; the validity check "
+                                                 "reads the other 120), values on pvq40, and neutral.")] = None,
+    lmeval_include: Annotated[str | None, typer.Option(help="Folder(s) of local lm-eval task YAMLs, ':'-separated "
+                                                            "(default: $DPNLE_LMEVAL_INCLUDE).")] = None,
     scorers: Annotated[str, typer.Option(help="Questionnaire scorers: likert, statement, yesno.")] = "likert,statement",
     limit: Annotated[int | None, typer.Option(help="Questionnaire items per trait/value (default: all).")] = None,
     capability_limit: Annotated[int, typer.Option(help="Items per capability benchmark (seeded subset); 0 = all.")] = 100,
@@ -521,6 +544,7 @@ def edit_eval(
         open_ended_limit=open_ended_limit if open_ended_limit > 0 else None, judge=judge, positions=positions, mode=mode, seed=seed,
         random_draws=random_draws, batch_size=batch_size, valid_scorers_only=not all_scorers,
         validity_personas=validity_personas, engine=engine, tensor_parallel_size=tensor_parallel_size,
+        lmeval_include=lmeval_include,
     )
     _check_edit_options(positions, mode)
     target = _open_run(run, model, write=True).with_suite(suite)
@@ -537,13 +561,10 @@ def edit_eval(
 def _check_edit_options(positions: str, mode: str) -> None:
     """edit-eval's --positions and --mode, checked before the run's model loads (EvalConfig checks
     the other options, --judge included)."""
-    from dpnle.edits import MODES, POSITIONS
-    from dpnle.runs import InputError
+    from dpnle.vocab import MODES, POSITIONS, check_choice
 
-    if positions not in POSITIONS:
-        raise InputError(f"--positions {positions!r}: choose one of {', '.join(POSITIONS)}.")
-    if mode not in MODES:
-        raise InputError(f"--mode {mode!r}: choose one of {', '.join(MODES)}.")
+    check_choice("--positions", positions, POSITIONS)
+    check_choice("--mode", mode, MODES)
 
 
 def _load_run_model(run, dtype: str, device: str | None, device_map: str | None, max_memory=None,

@@ -55,12 +55,32 @@ import torch
 from torch import Tensor, nn
 
 from dpnle import runs as runs_io
-from dpnle.arch import SITES, Architecture, architecture, check_site
-from dpnle.batching import input_device, pad_token_id
+from dpnle.arch import Architecture, architecture, check_site, register_site_hook
+from dpnle.batching import (
+    add_special_tokens_for,
+    input_device,
+    left_pad,
+    length_sorted_batches,
+    pad_token_id,
+    positions_from_mask,
+)
 from dpnle.concepts import TRAITS
 from dpnle.distributed import Workers
 from dpnle.pairs import LEGACY_TEMPLATE_ID, npti_message, pairs_digest, pairs_info, render_prompt, to_samples
+from dpnle.progress import Progress
 from dpnle.stats import NPTI_HIST_BINS, LayerStats, RunningMoments, TokenCounts, stats_from_moments
+from dpnle.vocab import (
+    MEAN_POLICIES,
+    NPTI_PROTOCOLS,
+    POLICIES,
+    SITES,
+    TOKENIZATIONS,
+    NptiProtocol,
+    Policy,
+    Site,
+    Tokenization,
+    check_choice,
+)
 
 try:
     import fcntl
@@ -80,8 +100,6 @@ __all__ = [
     "load_activations",
 ]
 
-POLICIES = ("last", "prompt-mean", "response-mean")
-MEAN_POLICIES = ("prompt-mean", "response-mean")
 CPU_BATCH_SIZE = 16
 MAX_AUTO_BATCH_SIZE = 256
 POLES = ("high", "low")
@@ -92,17 +110,12 @@ POLES = ("high", "low")
 # @630d2a2): NPTI's prompt (pairs.NPTI_TEMPLATE), greedy, 500 new tokens, repetition penalty 1.1,
 # the generated ids themselves, reduced over all of them but the last (the tokens NPTI's decode
 # steps feed the model; its prefill is not counted), every layer captured by default.
-NPTI_PROTOCOLS = ("dpnle", "reference")
 DEFAULT_MAX_NEW_TOKENS = 64
 NPTI_REFERENCE_GENERATION = {"max_new_tokens": 500, "repetition_penalty": 1.1, "do_sample": False}
 
 
-def check_npti_protocol(protocol: str, policy: str = "response-mean") -> None:
-    if protocol not in NPTI_PROTOCOLS:
-        raise runs_io.InputError(
-            f"Unknown NPTI protocol {protocol!r}; choose one of {', '.join(NPTI_PROTOCOLS)} (e.g. --npti-protocol "
-            "reference)."
-        )
+def check_npti_protocol(protocol: NptiProtocol, policy: Policy = "response-mean") -> None:
+    check_choice("NPTI protocol", protocol, NPTI_PROTOCOLS, hint="(e.g. --npti-protocol reference)")
     if protocol != "dpnle" and policy != "response-mean":
         raise runs_io.InputError(
             f"--npti-protocol {protocol} sets how responses are generated, so it needs --policy response-mean "
@@ -110,14 +123,14 @@ def check_npti_protocol(protocol: str, policy: str = "response-mean") -> None:
         )
 
 
-def resolve_max_new_tokens(max_new_tokens: int | None, protocol: str = "dpnle") -> int:
+def resolve_max_new_tokens(max_new_tokens: int | None, protocol: NptiProtocol = "dpnle") -> int:
     """``max_new_tokens``, or its default: 64 (dpnle), 500 (NPTI's reference protocol)."""
     if max_new_tokens is not None:
         return int(max_new_tokens)
     return NPTI_REFERENCE_GENERATION["max_new_tokens"] if protocol == "reference" else DEFAULT_MAX_NEW_TOKENS
 
 
-def generation_settings(protocol: str, max_new_tokens: int) -> dict[str, Any]:
+def generation_settings(protocol: NptiProtocol, max_new_tokens: int) -> dict[str, Any]:
     """What a response-mean capture records about its responses (manifest and, for the
     reference protocol, the capture key)."""
     if protocol == "reference":
@@ -146,21 +159,15 @@ PAIRS_FILE = "pairs.parquet"
 LOCK_FILE = "writer.lock"
 
 
-TOKENIZATIONS = ("dpnle", "reference")
 REFERENCE_MAX_LENGTH = 2048  # the reference's max_length (truncation=True); dpnle refuses longer prompts
 
 
-def check_tokenization(tokenization: str) -> None:
-    if tokenization not in TOKENIZATIONS:
-        raise runs_io.InputError(
-            f"Unknown tokenization {tokenization!r}; choose one of {', '.join(TOKENIZATIONS)} (e.g. --tokenization "
-            "reference)."
-        )
+def check_tokenization(tokenization: Tokenization) -> None:
+    check_choice("tokenization", tokenization, TOKENIZATIONS, hint="(e.g. --tokenization reference)")
 
 
-def check_policy(policy: str) -> None:
-    if policy not in POLICIES:
-        raise runs_io.InputError(f"Unknown token policy {policy!r}; choose one of {', '.join(POLICIES)}.")
+def check_policy(policy: Policy) -> None:
+    check_choice("token policy", policy, POLICIES)
 
 
 def check_batch_size(batch_size: int | str) -> int | str:
@@ -180,12 +187,11 @@ def check_batch_size(batch_size: int | str) -> int | str:
 
 
 def check_options(
-    site: str = "mlp", policy: str = "last", batch_size: int | str = "auto", shard_size: int = 256,
-    max_new_tokens: int = 64, tokenization: str = "dpnle",
+    site: Site = "mlp", policy: Policy = "last", batch_size: int | str = "auto", shard_size: int = 256,
+    max_new_tokens: int = 64, tokenization: Tokenization = "dpnle",
 ) -> None:
     """Refuse capture options that cannot work, before any model is loaded or file written."""
-    if site not in SITES:
-        raise runs_io.InputError(f"Unknown site {site!r}; choose one of {', '.join(SITES)} (e.g. --site mlp).")
+    check_choice("site", site, SITES, hint="(e.g. --site mlp)")
     check_policy(policy)
     check_tokenization(tokenization)
     check_batch_size(batch_size)
@@ -260,28 +266,17 @@ class _BatchResult:
     num_tokens: int
 
 
-def _uses_template_specials(tokenizer: Any) -> bool:
-    # A chat template writes its own special tokens (BOS included); adding them again when
-    # tokenizing the rendered text would double the BOS of Llama-3-style templates.
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _encode(
-    tokenizer: Any,
-    prompts: Sequence[str],
-    responses: Sequence[str] | None = None,
-    policy: str = "last",
-    tokenization: str = "dpnle",
-) -> list[_Encoded]:
-    """Token ids of the rendered ``prompts`` (and ``responses``, for response-mean).
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], tokenization: str = "dpnle") -> list[list[int]]:
+    """Token ids of the rendered ``prompts``, as capture and generation feed them to the model.
 
     ``tokenization="dpnle"``: special tokens are added only when the tokenizer has no chat template
-    (a template writes its own, so Llama-3's prompt starts with one BOS). ``"reference"``: the
+    (:func:`dpnle.batching.add_special_tokens_for`: a template writes its own, so Llama-3's prompt
+    starts with one BOS). ``"reference"``: the
     reference's ``tokenizer(text)`` with the tokenizer's defaults (special tokens added, so
     Llama-3's prompt starts with two BOS). The reference also passes ``truncation=True,
     max_length=2048``; dpnle refuses a prompt longer than 2048 tokens in this mode instead of
     cutting its end (which would move the captured last token), so every prompt it accepts has
-    exactly the reference's ids.
+    exactly the reference's ids. A prompt that tokenizes to no tokens is refused.
     """
     check_tokenization(tokenization)
     if tokenization == "reference":
@@ -295,11 +290,23 @@ def _encode(
                 "and capture another token, so dpnle refuses them: shorten them, or use --tokenization dpnle."
             )
     else:
-        add_special = not _uses_template_specials(tokenizer)
-        prompt_ids = tokenizer(list(prompts), add_special_tokens=add_special)["input_ids"]
+        prompt_ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens_for(tokenizer))["input_ids"]
     if any(len(ids) == 0 for ids in prompt_ids):
         empty = next(i for i, ids in enumerate(prompt_ids) if len(ids) == 0)
         raise ValueError(f"Prompt {empty} tokenizes to no tokens; every prompt needs at least one.")
+    return [list(ids) for ids in prompt_ids]
+
+
+def _encode(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str] | None = None,
+    policy: str = "last",
+    tokenization: str = "dpnle",
+) -> list[_Encoded]:
+    """Token ids of the rendered ``prompts`` (:func:`encode_prompts`), plus those of ``responses``
+    for response-mean (the tokens it averages over)."""
+    prompt_ids = encode_prompts(tokenizer, prompts, tokenization)
     if policy != "response-mean":
         return [_Encoded(list(ids), len(ids)) for ids in prompt_ids]
     if responses is None or len(responses) != len(prompts):
@@ -314,26 +321,24 @@ def _encode(
     return encoded
 
 
-def _length_sorted_batches(encoded: Sequence[_Encoded], batch_size: int) -> list[np.ndarray]:
-    lengths = np.fromiter((len(e.ids) for e in encoded), dtype=np.int64, count=len(encoded))
-    order = np.argsort(-lengths, kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def _length_sorted(encoded: Sequence[_Encoded], batch_size: int) -> list[np.ndarray]:
+    """Batches of ``encoded``, longest first (:func:`dpnle.batching.length_sorted_batches`)."""
+    return length_sorted_batches([len(e.ids) for e in encoded], batch_size)
 
 
 def _pad_left(
     encoded: Sequence[_Encoded], positions: np.ndarray, pad_id: int, device: torch.device, policy: str
 ) -> _Batch:
+    """The rows ``positions`` of ``encoded`` left-padded (:func:`dpnle.batching.left_pad`), with
+    the masks of the tokens a mean policy averages over and the pooled counts count."""
     rows = [encoded[i] for i in positions]
-    seq = max(len(r.ids) for r in rows)
-    input_ids = np.full((len(rows), seq), pad_id, dtype=np.int64)
-    attention = np.zeros((len(rows), seq), dtype=np.int64)
+    input_ids, attention = left_pad([r.ids for r in rows], pad_id, device)
+    seq = input_ids.shape[1]
     reduce = np.zeros((len(rows), seq), dtype=bool) if policy in MEAN_POLICIES else None
     pooled = None
     if reduce is not None and any(r.pool_tokens is not None and r.pool_tokens != r.reduce_tokens for r in rows):
         pooled = np.zeros((len(rows), seq), dtype=bool)
     for row, enc in enumerate(rows):
-        input_ids[row, seq - len(enc.ids) :] = enc.ids
-        attention[row, seq - len(enc.ids) :] = 1
         if reduce is not None:
             reduce[row, seq - enc.reduce_tokens :] = True
         if pooled is not None:
@@ -343,10 +348,10 @@ def _pad_left(
     return _Batch(
         pool_mask=None if pooled is None else torch.from_numpy(pooled).to(device),
         positions=np.asarray(positions),
-        input_ids=torch.from_numpy(input_ids).to(device),
-        attention_mask=torch.from_numpy(attention).to(device),
+        input_ids=input_ids,
+        attention_mask=attention,
         reduce_mask=None if reduce is None else torch.from_numpy(reduce).to(device),
-        num_tokens=int(attention.sum()),
+        num_tokens=sum(len(r.ids) for r in rows),
     )
 
 
@@ -390,7 +395,8 @@ class _SiteRecorder:
         self.layers = list(layers)
         self.width = arch.width(site)
         self.track_positive = site == "gate" and policy in MEAN_POLICIES
-        self._modules = [arch.module_for(site, layer) for layer in self.layers]  # raises for a missing site
+        for layer in self.layers:
+            arch.module_for(site, layer)  # raises for a missing site, before any hook is registered
         self._handles: list[Any] = []
         self._batch: _Batch | None = None
         self._acts: Tensor | None = None  # [layers, batch, width] float32
@@ -408,12 +414,8 @@ class _SiteRecorder:
 
     def __enter__(self) -> _SiteRecorder:
         try:
-            for slot, module in enumerate(self._modules):
-                if self.site == "mlp":
-                    handle = module.register_forward_pre_hook(self._pre_hook(slot))
-                else:
-                    handle = module.register_forward_hook(self._post_hook(slot))
-                self._handles.append(handle)
+            for slot, layer in enumerate(self.layers):
+                self._handles.append(register_site_hook(self.arch, self.site, layer, self._recorder(slot)))
         except BaseException:
             self._remove()
             raise
@@ -427,17 +429,11 @@ class _SiteRecorder:
             handle.remove()
         self._handles.clear()
 
-    def _pre_hook(self, slot: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            self._record(slot, args[0])
+    def _recorder(self, slot: int) -> Callable[[Tensor], None]:
+        def record(hidden: Tensor) -> None:
+            self._record(slot, hidden)
 
-        return hook
-
-    def _post_hook(self, slot: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            self._record(slot, output[0] if isinstance(output, tuple) else output)
-
-        return hook
+        return record
 
     def _record(self, slot: int, hidden: Tensor) -> None:
         """Reduce ``hidden`` [batch, seq, width] into the buffer; stop after the last layer."""
@@ -487,7 +483,7 @@ class _SiteRecorder:
         self._fired = [False] * len(self.layers)
         self._batch = batch
         # Positions from the mask: a left-padded row then sees the positions it would see alone.
-        position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        position_ids = positions_from_mask(batch.attention_mask)
         try:
             model(
                 input_ids=batch.input_ids,
@@ -519,7 +515,7 @@ def _run_batches(
     pad_id: int,
     device: torch.device,
 ) -> Iterator[_BatchResult]:
-    for positions in _length_sorted_batches(encoded, batch_size):
+    for positions in _length_sorted(encoded, batch_size):
         batch = _pad_left(encoded, positions, pad_id, device, recorder.policy)
         yield recorder.run(model, batch)
 
@@ -599,66 +595,6 @@ def _resolve_batch_size(
 
 
 # ---------------------------------------------------------------------------------------------
-# progress
-
-
-class _Progress:
-    """A rich progress bar with samples/s and tokens/s; a no-op when disabled."""
-
-    def __init__(self, total: int, description: str, enabled: bool = True):
-        self.total = total
-        self.description = description
-        self.enabled = enabled
-        self._progress: Any = None
-        self._task: Any = None
-        self._samples = 0
-        self._tokens = 0
-        self._start = time.perf_counter()
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-            )
-            self._progress.__enter__()
-            self._task = self._progress.add_task(self.description, total=self.total, rate="")
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-            self._progress = None
-
-    def skip(self, samples: int) -> None:
-        """Count already-captured samples toward the bar, not toward the rates."""
-        if self._progress is not None:
-            self._progress.update(self._task, advance=samples)
-
-    def advance(self, samples: int, tokens: int) -> None:
-        self._samples += samples
-        self._tokens += tokens
-        if self._progress is not None:
-            elapsed = max(time.perf_counter() - self._start, 1e-9)
-            rate = f"{self._samples / elapsed:,.1f} samples/s  {self._tokens / elapsed:,.0f} tok/s"
-            self._progress.update(self._task, advance=samples, rate=rate)
-
-
-# ---------------------------------------------------------------------------------------------
 # notebook API
 
 
@@ -692,7 +628,7 @@ def generate_responses(
     tokenization: str = "dpnle",
 ) -> list[str]:
     """Greedy responses to ``prompts`` (special tokens stripped), in the prompts' order
-    (``tokenization``: see :func:`_encode`)."""
+    (``tokenization``: see :func:`encode_prompts`)."""
     from transformers import GenerationConfig
 
     device = input_device(model)
@@ -704,8 +640,8 @@ def generate_responses(
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
     encoded = _encode(tokenizer, prompts, tokenization=tokenization)
     responses: list[str] = [""] * len(prompts)
-    pending = _length_sorted_batches(encoded, size)
-    with _Progress(len(prompts), "generating", progress) as bar, torch.inference_mode():
+    pending = _length_sorted(encoded, size)
+    with Progress("generating", len(prompts), enabled=progress) as bar, torch.inference_mode():
         while pending:
             positions = pending.pop(0)
             out = _generate_or_none(model, encoded, positions, pad_id, device, config)
@@ -716,7 +652,7 @@ def generate_responses(
                 continue
             for row, index in enumerate(positions):
                 responses[index] = tokenizer.decode(out[row], skip_special_tokens=True)
-            bar.advance(len(positions), sum(len(encoded[i].ids) for i in positions))
+            bar.advance(len(positions), tokens=sum(len(encoded[i].ids) for i in positions))
     return responses
 
 
@@ -760,11 +696,11 @@ def generate_response_ids(
     if batch_size == "auto" and device.type == "cuda":
         size = 64  # the KV cache bounds generation; halved on OOM below
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
-    eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+    eos_ids = _eos_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
     generated: list[list[int]] = [[] for _ in encoded]
-    pending = _length_sorted_batches(encoded, size)
-    with _Progress(len(encoded), "generating", progress) as bar, torch.inference_mode():
+    pending = _length_sorted(encoded, size)
+    with Progress("generating", len(encoded), enabled=progress) as bar, torch.inference_mode():
         while pending:
             positions = pending.pop(0)
             batch = _pad_left(encoded, positions, pad_id, device, "last")
@@ -787,8 +723,14 @@ def generate_response_ids(
                 ids = new[row]
                 end = next((k for k, token in enumerate(ids) if token in eos_ids), None)
                 generated[index] = ids if end is None else ids[: end + 1]
-            bar.advance(len(positions), sum(len(encoded[i].ids) for i in positions))
+            bar.advance(len(positions), tokens=sum(len(encoded[i].ids) for i in positions))
     return generated
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    """The ids generation stops at: the model's generation config's eos ids, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
 
 
 def _encode_generated(prompt: _Encoded, generated: Sequence[int], eos_id: int | None) -> _Encoded:
@@ -841,7 +783,7 @@ def collect(
         if recorder.track_positive:
             positive = {layer: np.empty((len(prompts), width), dtype=np.float32) for layer in layer_list}
         size = _resolve_batch_size(batch_size, recorder, model, encoded, pad_id, device)
-        with _Progress(len(prompts), f"capture {site}/{policy}", progress) as bar:
+        with Progress(f"capture {site}/{policy}", len(prompts), enabled=progress) as bar:
             for result in _run_batches(recorder, model, encoded, size, pad_id, device):
                 acts = result.acts.cpu().numpy()  # [layers, batch, width]
                 fractions = None if result.positive_fraction is None else result.positive_fraction.cpu().numpy()
@@ -850,7 +792,7 @@ def collect(
                     if positive is not None and fractions is not None:
                         positive[layer][result.positions] = fractions[slot]
                 num_tokens += result.num_tokens
-                bar.advance(len(result.positions), result.num_tokens)
+                bar.advance(len(result.positions), tokens=result.num_tokens)
     return Capture(
         activations=activations,
         positive_fraction=positive,
@@ -1253,6 +1195,7 @@ class _StageContext:
     tokenization: str = "dpnle"
     npti_protocol: str = "dpnle"  # response-mean: how responses are generated and read (NPTI_PROTOCOLS)
     count_tokens: bool = False  # keep NPTI's pooled counts and histograms (gate site, response-mean)
+    engine: Any = None  # a dpnle.engines.VLLMEngine that generates the responses; None: the HF model
 
 
 def _counting_done(results: Iterator[_BatchResult], recorder: _SiteRecorder) -> Iterator[_BatchResult]:
@@ -1263,7 +1206,19 @@ def _counting_done(results: Iterator[_BatchResult], recorder: _SiteRecorder) -> 
         recorder.count_groups = recorder.token_counts = None
 
 
-def _capture_shard(ctx: _StageContext, shard: int, rows: np.ndarray, bar: _Progress) -> Callable[[], None]:
+def _shard_response_ids(ctx: _StageContext, prompts: Sequence[_Encoded], repetition_penalty: float | None) -> list[list[int]]:
+    """Greedy responses (token ids, each up to and including its first end-of-sequence id) to the
+    tokenized ``prompts``, from the HF model or, with ``ctx.engine``, from vLLM: the same decoding
+    rule on both (greedy, the model's eos ids, the repetition penalty over prompt and response)."""
+    if ctx.engine is None:
+        return generate_response_ids(ctx.model, ctx.tokenizer, prompts, ctx.max_new_tokens, ctx.batch_size,
+                                     repetition_penalty=repetition_penalty, progress=False)
+    return ctx.engine.generate_ids([p.ids for p in prompts], max_new_tokens=ctx.max_new_tokens,
+                                   repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
+                                   stop_token_ids=sorted(_eos_ids(ctx.model, ctx.tokenizer)))
+
+
+def _capture_shard(ctx: _StageContext, shard: int, rows: np.ndarray, bar: Progress) -> Callable[[], None]:
     """Capture the samples ``rows`` [shard samples] as shard ``shard``; return the function that
     writes its statistics partial, then its activations (run it on the writer thread)."""
     shard_samples = ctx.samples.iloc[rows]
@@ -1271,18 +1226,19 @@ def _capture_shard(ctx: _StageContext, shard: int, rows: np.ndarray, bar: _Progr
     responses: list[str] | None = None
     if policy == "response-mean" and ctx.npti_protocol == "reference":
         prompt_ids = [ctx.encoded[i] for i in rows]
-        generated = generate_response_ids(
-            ctx.model, ctx.tokenizer, prompt_ids, ctx.max_new_tokens, ctx.batch_size,
-            repetition_penalty=NPTI_REFERENCE_GENERATION["repetition_penalty"], progress=False,
-        )
+        generated = _shard_response_ids(ctx, prompt_ids, NPTI_REFERENCE_GENERATION["repetition_penalty"])
         encoded = [_encode_generated(p, g, ctx.tokenizer.eos_token_id) for p, g in zip(prompt_ids, generated, strict=True)]
         responses = [ctx.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
     elif policy == "response-mean":
         shard_prompts = [ctx.prompts[i] for i in rows]
-        responses = generate_responses(
-            ctx.model, ctx.tokenizer, shard_prompts, ctx.max_new_tokens, ctx.batch_size, progress=False,
-            tokenization=ctx.tokenization,
-        )
+        if ctx.engine is None:
+            responses = generate_responses(
+                ctx.model, ctx.tokenizer, shard_prompts, ctx.max_new_tokens, ctx.batch_size, progress=False,
+                tokenization=ctx.tokenization,
+            )
+        else:
+            generated = _shard_response_ids(ctx, [ctx.encoded[i] for i in rows], None)
+            responses = [ctx.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
         encoded = _encode(ctx.tokenizer, shard_prompts, responses, policy, ctx.tokenization)
     else:
         encoded = [ctx.encoded[i] for i in rows]
@@ -1312,7 +1268,7 @@ def _capture_shard(ctx: _StageContext, shard: int, rows: np.ndarray, bar: _Progr
         if pos16 is not None and result.positive_fraction is not None:
             pos16[:, result.positions] = result.positive_fraction.to(torch.float16).cpu().numpy()
         tokens += result.num_tokens
-        bar.advance(len(result.positions), result.num_tokens)
+        bar.advance(len(result.positions), tokens=result.num_tokens)
 
     meta = {
         "kind": "activations-shard",
@@ -1346,6 +1302,289 @@ def _model_dtype(model: nn.Module) -> str:
     return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
+@dataclass
+class _CapturePlan:
+    """One capture, decided before anything is written: its samples and their token ids, the
+    shards they fall into, the key a resume must match, and the manifest that records it all."""
+
+    directory: Path
+    arch: Architecture
+    layers: list[int]
+    width: int
+    samples: pd.DataFrame
+    prompts: list[str]
+    encoded: list[_Encoded]
+    shards: list[np.ndarray]
+    key: dict[str, Any]
+    key_digest: str
+    manifest: dict[str, Any]
+    max_new_tokens: int
+    count_tokens: bool  # NPTI's pooled counts and histograms (gate site, response-mean)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST_FILE
+
+    def write_manifest(self) -> None:
+        runs_io.write_json(self.manifest_path, self.manifest)
+
+
+def _capture_samples(pairs: pd.DataFrame, concept: str, npti_protocol: str) -> pd.DataFrame:
+    """One row per (pair, pole); under NPTI's reference protocol the message is NPTI's prompt
+    around the side's persona description and the pair's question."""
+    samples = to_samples(pairs)
+    if samples.empty:
+        raise runs_io.InputError(
+            f"The pair set for {concept!r} is empty; make pairs with `dpnle data pairs` first."
+        )
+    if npti_protocol != "reference":
+        return samples
+    if (samples["response_prefix"].astype(str) != "").any():
+        raise runs_io.InputError(
+            "--npti-protocol reference generates from NPTI's persona prompt, which has no response prefix; "
+            "use pairs of the personalitybench or values recipe."
+        )
+    question_of = dict(zip(pairs["pair_id"].to_numpy().tolist(), pairs["question"].astype(str), strict=True))
+    return samples.assign(message=[
+        npti_message(str(m), question_of[int(p)]) for m, p in zip(samples["message"], samples["pair_id"], strict=True)
+    ])
+
+
+def _capture_key(
+    fingerprint: dict[str, Any], pairs: pd.DataFrame, site: str, policy: str, layers: list[int], shard_size: int,
+    max_new_tokens: int, npti_protocol: str, tokenization: str,
+) -> dict[str, Any]:
+    """Everything a captured shard depends on: a resume continues only a capture with this key."""
+    key: dict[str, Any] = {
+        "model": fingerprint.get("digest"),
+        "pairs": pairs_digest(pairs),
+        "site": site,
+        "policy": policy,
+        "layers": layers,
+        "shard_size": shard_size,
+    }
+    if policy == "response-mean":
+        key["max_new_tokens"] = max_new_tokens
+        if npti_protocol != "dpnle":  # absent for the default, so captures made before the option stay valid
+            key["npti_protocol"] = npti_protocol
+            key["generation"] = generation_settings(npti_protocol, max_new_tokens)
+    if tokenization != "dpnle":  # absent for the default, so captures made before the option stay valid
+        key["tokenization"] = tokenization
+    return key
+
+
+def _plan_capture(
+    run: runs_io.Run, loaded: Any, concept: str, pairs: pd.DataFrame, *, site: str, policy: str,
+    layers: Sequence[int] | None, batch_size: int | str, shard_size: int, max_new_tokens: int | None,
+    npti_protocol: str, tokenization: str, engine: Any = None,
+) -> _CapturePlan:
+    """Check the options against the model, encode the prompts and write down (in memory) the key
+    and manifest of the capture; nothing on disk changes."""
+    check_npti_protocol(npti_protocol, policy)
+    if engine is not None and policy != "response-mean":
+        raise runs_io.InputError(
+            f"An engine generates responses, and --policy {policy} generates none: drop --engine, or capture "
+            "--policy response-mean."
+        )
+    max_new_tokens = resolve_max_new_tokens(max_new_tokens, npti_protocol)
+    check_options(site, policy, batch_size, shard_size, max_new_tokens, tokenization)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    arch = architecture(model)
+    layer_list = _normalize_layers(layers, arch.num_layers)
+    width = arch.width(site)
+    arch.module_for(site, layer_list[0])  # fail now, not after writing a manifest, if the site is missing
+    fingerprint = loaded.fingerprint
+    if not fingerprint:
+        from dpnle.models import model_fingerprint
+
+        fingerprint = model_fingerprint(model, tokenizer, loaded.model_id)
+    samples = _capture_samples(pairs, concept, npti_protocol)
+    count_tokens = site == "gate" and policy == "response-mean"
+    key = _capture_key(fingerprint, pairs, site, policy, layer_list, shard_size, max_new_tokens, npti_protocol,
+                       tokenization)
+    if engine is not None:  # absent for HF generate, so captures made before engines existed stay valid
+        key["engine"] = engine.settings()
+    key_digest = _key_digest(key)
+    responses = policy == "response-mean"
+    manifest: dict[str, Any] = {
+        "kind": "activations",
+        "concept": concept,
+        "site": site,
+        "policy": policy,
+        "layers": layer_list,
+        "width": width,
+        "model": {"id": loaded.model_id, "fingerprint": fingerprint},
+        "pairs": {
+            "digest": key["pairs"],
+            "num_pairs": int(len(pairs)),
+            "recipe": str(pairs["recipe"].iloc[0]) if "recipe" in pairs else None,
+            **pairs_info(pairs),  # template, pair_sampling, pair_seed, questions
+        },
+        "tokenization": tokenization,
+        "dtype": _model_dtype(model),
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "shard_order": "by prompt length, longest first; samples in sample order within a shard",
+        "num_samples": int(len(samples)),
+        "max_new_tokens": max_new_tokens if responses else None,
+        "npti_protocol": npti_protocol if responses else None,
+        "generation": generation_settings(npti_protocol, max_new_tokens) if responses else None,
+        "engine": engine.settings() if engine is not None else ({"engine": "hf"} if responses else None),
+        "token_counts": (
+            "NPTI's pooled counts per (pole, layer): token_count, pos_count (act > 0), hist (301 bins: "
+            "-inf, 0, 0.01, ..., 2.99, +inf; bucketize right=False minus 1) over the reduced tokens"
+        ) if count_tokens else None,
+        "key": key,
+        "key_digest": key_digest,
+        "versions": runs_io.software_versions(),
+        "created": runs_io.now(),
+        "status": "running",
+    }
+    prompts = [
+        render_prompt(tokenizer, message, prefix)
+        for message, prefix in zip(samples["message"], samples["response_prefix"], strict=True)
+    ]
+    encoded = _encode(tokenizer, prompts, tokenization=tokenization)
+    return _CapturePlan(
+        directory=capture_dir(run, concept, site, policy), arch=arch, layers=layer_list, width=width,
+        samples=samples, prompts=prompts, encoded=encoded, shards=_shard_assignment(encoded, shard_size), key=key,
+        key_digest=key_digest, manifest=manifest, max_new_tokens=max_new_tokens, count_tokens=count_tokens,
+    )
+
+
+def _prepare_directory(
+    plan: _CapturePlan, pairs: pd.DataFrame, lock: _WriterLock, *, overwrite: bool, batch_size: int | str,
+    log: Callable[[str], None],
+) -> tuple[list[int], int | None]:
+    """Lock, check and set up the capture directory; return the shards to capture and the batch
+    size to capture them with (None: probe). The lock stays held unless this raises."""
+    directory = plan.directory
+    lock.acquire(log)  # before anything in the directory changes
+    try:
+        legacy_size = None
+        if overwrite:
+            _clear_capture(directory)
+        if plan.manifest_path.exists():
+            existing = runs_io.read_json(plan.manifest_path)
+            _check_key(directory, existing, plan.key, plan.manifest)
+            plan.manifest["created"] = existing.get("created", plan.manifest["created"])
+            legacy_size = existing.get("batch_size")  # for shards written before shards recorded theirs
+        elif any(directory.glob("*shard-*.parquet")):
+            raise runs_io.ArtifactError(
+                f"{directory} holds shards but no {MANIFEST_FILE}, so they cannot be checked against this "
+                "capture. Pass --overwrite to discard them and start over."
+            )
+        _remove_temp_files(directory)
+        todo, recorded = [], {}
+        for shard in range(len(plan.shards)):
+            meta = _complete_shard(directory, shard, plan.key_digest, log)
+            if meta is None:
+                todo.append(shard)
+            elif isinstance(size := meta.get("batch_size", legacy_size), int):
+                recorded[shard] = size
+        size = _resumed_batch_size(directory, batch_size, recorded)
+        plan.manifest["batch_size"] = batch_size if size is None else size
+        plan.write_manifest()
+        if not (directory / PAIRS_FILE).exists():
+            runs_io.write_parquet(
+                directory / PAIRS_FILE, pairs,
+                metadata={"kind": "pairs", "digest": plan.key["pairs"], **pairs_info(pairs)},
+            )
+        return todo, size
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _agreed_batch_size(
+    plan: _CapturePlan, recorder: _SiteRecorder, model: nn.Module, mine: Sequence[int], pad_id: int,
+    device: torch.device, workers: Workers,
+) -> int:
+    """"auto" with nothing captured yet: the main process probes for every process (its share
+    starts with the longest missing shard); the manifest and every shard record the size, and a
+    resume reuses it."""
+
+    def probe() -> int:
+        probe_set = [plan.encoded[i] for s in mine for i in plan.shards[s]]
+        extra = plan.max_new_tokens if recorder.policy == "response-mean" else 0
+        return _resolve_batch_size("auto", recorder, model, probe_set, pad_id, device, extra_tokens=extra)
+
+    size = workers.from_main(workers.main_first(probe if workers.is_main else lambda: None))
+    plan.manifest["batch_size"] = size
+    if workers.is_main:
+        plan.write_manifest()
+    return size
+
+
+def _capture_shards(
+    plan: _CapturePlan, loaded: Any, mine: Sequence[int], fixed_size: int | None, *, site: str, policy: str,
+    npti_protocol: str, tokenization: str, workers: Workers, progress: Callable[[], Progress], engine: Any = None,
+) -> None:
+    """Capture this process's shards ``mine``, each written (statistics partial, then
+    activations) by a writer thread while the device captures the next one; ``progress`` makes
+    the bar (opened once the batch size is known)."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    device = input_device(model)
+    pad_id = pad_token_id(tokenizer)
+    with _SiteRecorder(plan.arch, site, policy, plan.layers) as recorder:
+        size = fixed_size
+        if size is None:
+            size = _agreed_batch_size(plan, recorder, model, mine, pad_id, device, workers)
+        if not mine:
+            return
+        ctx = _StageContext(
+            model=model, tokenizer=tokenizer, recorder=recorder, samples=plan.samples, prompts=plan.prompts,
+            encoded=plan.encoded, layers=plan.layers, width=plan.width, batch_size=size,
+            max_new_tokens=plan.max_new_tokens, pad_id=pad_id, device=device, directory=plan.directory,
+            key_digest=plan.key_digest, tokenization=tokenization, npti_protocol=npti_protocol,
+            count_tokens=plan.count_tokens, engine=engine,
+        )
+        # At most one write is pending, so host memory holds two shards at most; leaving the
+        # block waits for the last write.
+        pending: Future[None] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpnle-shard-writer") as writer, progress() as bar:
+            for shard in mine:
+                write = _capture_shard(ctx, shard, plan.shards[shard], bar)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(write)
+            if pending is not None:
+                pending.result()
+
+
+def _merge_shards(plan: _CapturePlan, concept: str) -> int:
+    """Merge every shard's partial statistics, in shard order, into ``stats.parquet``; return
+    the number of tokens captured."""
+    width, layers = plan.width, plan.layers
+    num_tokens = 0
+    total = {(pole, layer): RunningMoments(width) for pole in POLES for layer in layers}
+    total_counts: dict[tuple[str, int], TokenCounts] | None = (
+        {(pole, layer): TokenCounts(width) for pole in POLES for layer in layers} if plan.count_tokens else None
+    )
+    # Shard order, always: the same partials merged in the same order give the same bits.
+    for shard in range(len(plan.shards)):
+        num_tokens += int(runs_io.parquet_metadata(_shard_path(plan.directory, shard)).get("num_tokens", 0))
+        stats_path = _stats_shard_path(plan.directory, shard)
+        for cell, partial in _read_moments(stats_path, width).items():
+            total[cell].merge(partial)
+        # NPTI's pooled counts: summed over shards; absent if any shard lacks them (one captured
+        # before dpnle kept them), so that no statistic covers only part of the samples.
+        if total_counts is not None:
+            shard_counts = _read_token_counts(stats_path, width)
+            if shard_counts is None:
+                total_counts = None
+                plan.manifest["token_counts"] = None
+            else:
+                for cell, partial_counts in shard_counts.items():
+                    total_counts[cell].merge(partial_counts)
+    runs_io.write_parquet(
+        plan.directory / STATS_FILE,
+        _moments_table(total, layers, width, total_counts),
+        metadata={"kind": "stats", "concept": concept, "key_digest": plan.key_digest, "num_shards": len(plan.shards)},
+    )
+    return num_tokens
+
+
 def collect_concept(
     run: runs_io.Run,
     loaded: Any,
@@ -1364,6 +1603,7 @@ def collect_concept(
     workers: Workers | None = None,
     log: Callable[[str], None] | None = None,
     tokenization: str = "dpnle",
+    engine: Any = None,
 ) -> CaptureSummary:
     """Capture ``concept``'s pairs into ``capture_dir(run, concept, site, policy)``, continuing
     a capture that was interrupted.
@@ -1391,232 +1631,59 @@ def collect_concept(
     default, in the capture key, so a capture begun in one mode is never resumed in the other.
     The manifest's ``pairs`` also records how the pairs were made (prompt template, pair sampling
     and its seed, question source; :func:`dpnle.pairs.pairs_info`).
+
+    ``engine`` (a :class:`dpnle.engines.VLLMEngine`, ``policy="response-mean"`` only) generates the
+    responses on vLLM, as NPTI's own code does; the activations are still read by the HF model in
+    a teacher-forced pass. The engine is in the capture key: a capture begun on one engine is never
+    resumed on the other. One process only (vLLM splits a model over GPUs itself).
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     start = time.perf_counter()
     workers = workers or Workers()
-    check_npti_protocol(npti_protocol, policy)
-    max_new_tokens = resolve_max_new_tokens(max_new_tokens, npti_protocol)
-    # NPTI's pooled counts and histograms: every gate-site response-mean capture keeps them.
-    count_tokens = site == "gate" and policy == "response-mean"
-    check_options(site, policy, batch_size, shard_size, max_new_tokens, tokenization)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    arch = architecture(model)
-    layer_list = _normalize_layers(layers, arch.num_layers)
-    width = arch.width(site)
-    arch.module_for(site, layer_list[0])  # fail now, not after writing a manifest, if the site is missing
-    fingerprint = loaded.fingerprint
-    if not fingerprint:
-        from dpnle.models import model_fingerprint
-
-        fingerprint = model_fingerprint(model, tokenizer, loaded.model_id)
-    samples = to_samples(pairs)
-    if samples.empty:
-        raise runs_io.InputError(
-            f"The pair set for {concept!r} is empty; make pairs with `dpnle data pairs` first."
-        )
-    if npti_protocol == "reference":
-        # NPTI's prompt around each side's persona description and the pair's question.
-        if (samples["response_prefix"].astype(str) != "").any():
-            raise runs_io.InputError(
-                "--npti-protocol reference generates from NPTI's persona prompt, which has no response prefix; "
-                "use pairs of the personalitybench or values recipe."
-            )
-        question_of = dict(zip(pairs["pair_id"].to_numpy().tolist(), pairs["question"].astype(str), strict=True))
-        samples = samples.assign(message=[
-            npti_message(str(m), question_of[int(p)]) for m, p in zip(samples["message"], samples["pair_id"], strict=True)
-        ])
-    directory = capture_dir(run, concept, site, policy)
-    digest_of_pairs = pairs_digest(pairs)
-    key: dict[str, Any] = {
-        "model": fingerprint.get("digest"),
-        "pairs": digest_of_pairs,
-        "site": site,
-        "policy": policy,
-        "layers": layer_list,
-        "shard_size": shard_size,
-    }
-    if policy == "response-mean":
-        key["max_new_tokens"] = max_new_tokens
-        if npti_protocol != "dpnle":  # absent for the default, so captures made before the option stay valid
-            key["npti_protocol"] = npti_protocol
-            key["generation"] = generation_settings(npti_protocol, max_new_tokens)
-    if tokenization != "dpnle":  # absent for the default, so captures made before the option stay valid
-        key["tokenization"] = tokenization
-    key_digest = _key_digest(key)
-    manifest: dict[str, Any] = {
-        "kind": "activations",
-        "concept": concept,
-        "site": site,
-        "policy": policy,
-        "layers": layer_list,
-        "width": width,
-        "model": {"id": loaded.model_id, "fingerprint": fingerprint},
-        "pairs": {
-            "digest": digest_of_pairs,
-            "num_pairs": int(len(pairs)),
-            "recipe": str(pairs["recipe"].iloc[0]) if "recipe" in pairs else None,
-            **pairs_info(pairs),  # template, pair_sampling, pair_seed, questions
-        },
-        "tokenization": tokenization,
-        "dtype": _model_dtype(model),
-        "batch_size": batch_size,
-        "shard_size": shard_size,
-        "shard_order": "by prompt length, longest first; samples in sample order within a shard",
-        "num_samples": int(len(samples)),
-        "max_new_tokens": max_new_tokens if policy == "response-mean" else None,
-        "npti_protocol": npti_protocol if policy == "response-mean" else None,
-        "generation": generation_settings(npti_protocol, max_new_tokens) if policy == "response-mean" else None,
-        "token_counts": (
-            "NPTI's pooled counts per (pole, layer): token_count, pos_count (act > 0), hist (301 bins: "
-            "-inf, 0, 0.01, ..., 2.99, +inf; bucketize right=False minus 1) over the reduced tokens"
-        ) if count_tokens else None,
-        "key": key,
-        "key_digest": key_digest,
-        "versions": runs_io.software_versions(),
-        "created": runs_io.now(),
-        "status": "running",
-    }
-
-    manifest_path = directory / MANIFEST_FILE
-    prompts = [
-        render_prompt(tokenizer, message, prefix)
-        for message, prefix in zip(samples["message"], samples["response_prefix"], strict=True)
-    ]
-    encoded = _encode(tokenizer, prompts, tokenization=tokenization)
-    shards = _shard_assignment(encoded, shard_size)
-    lock = _WriterLock(directory)
+    if engine is not None and workers.distributed:
+        raise runs_io.InputError("A capture whose responses vLLM generates runs in one process: drop --num-processes "
+                                 "(vLLM splits a model over GPUs with --tensor-parallel-size).")
+    plan = _plan_capture(
+        run, loaded, concept, pairs, site=site, policy=policy, layers=layers, batch_size=batch_size,
+        shard_size=shard_size, max_new_tokens=max_new_tokens, npti_protocol=npti_protocol, tokenization=tokenization,
+        engine=engine,
+    )
+    shards = plan.shards
+    lock = _WriterLock(plan.directory)
 
     def prepare() -> tuple[list[int], int | None]:
-        """Lock, check and set up the directory; return the shards to capture and the batch size
-        to capture them with (None: probe)."""
-        lock.acquire(log)  # before anything in the directory changes
-        try:
-            legacy_size = None
-            if overwrite:
-                _clear_capture(directory)
-            if manifest_path.exists():
-                existing = runs_io.read_json(manifest_path)
-                _check_key(directory, existing, key, manifest)
-                manifest["created"] = existing.get("created", manifest["created"])
-                legacy_size = existing.get("batch_size")  # for shards written before shards recorded theirs
-            elif any(directory.glob("*shard-*.parquet")):
-                raise runs_io.ArtifactError(
-                    f"{directory} holds shards but no {MANIFEST_FILE}, so they cannot be checked against this "
-                    "capture. Pass --overwrite to discard them and start over."
-                )
-            _remove_temp_files(directory)
-            todo, recorded = [], {}
-            for shard in range(len(shards)):
-                meta = _complete_shard(directory, shard, key_digest, log)
-                if meta is None:
-                    todo.append(shard)
-                elif isinstance(size := meta.get("batch_size", legacy_size), int):
-                    recorded[shard] = size
-            size = _resumed_batch_size(directory, batch_size, recorded)
-            manifest["batch_size"] = batch_size if size is None else size
-            runs_io.write_json(manifest_path, manifest)
-            if not (directory / PAIRS_FILE).exists():
-                runs_io.write_parquet(
-                    directory / PAIRS_FILE, pairs,
-                    metadata={"kind": "pairs", "digest": digest_of_pairs, **pairs_info(pairs)},
-                )
-            return todo, size
-        except BaseException:
-            lock.release()
-            raise
+        return _prepare_directory(plan, pairs, lock, overwrite=overwrite, batch_size=batch_size, log=log)
 
     # The main process alone touches the directory before the capture; its errors reach every process.
-    plan = workers.main_first(prepare if workers.is_main else lambda: None)
-    stage_params = {"site": site, "policy": policy, "layers": layer_list, "path": str(directory)}
+    prepared = workers.main_first(prepare if workers.is_main else lambda: None)
+    stage_params = {"site": site, "policy": policy, "layers": plan.layers, "path": str(plan.directory)}
     try:
-        todo, fixed_size = workers.from_main(plan)
-        missing = set(todo)
-        resumed_from = sum(len(shards[s]) for s in range(len(shards)) if s not in missing)
+        todo, fixed_size = workers.from_main(prepared)
+        resumed_from = sum(len(shards[s]) for s in range(len(shards)) if s not in set(todo))
         mine = workers.share(todo)
         if workers.is_main:
             run.record_stage("collect", concept, "running", **stage_params)
         if todo:
-            device = input_device(model)
-            pad_id = pad_token_id(tokenizer)
-            with _SiteRecorder(arch, site, policy, layer_list) as recorder:
-                size = fixed_size
-                if size is None:
-                    # "auto" with nothing captured yet: the main process probes for every process
-                    # (its share starts with the longest missing shard); the manifest and every
-                    # shard record the size, and a resume reuses it.
-                    def probe() -> int:
-                        probe_set = [encoded[i] for s in mine for i in shards[s]]
-                        extra = max_new_tokens if policy == "response-mean" else 0
-                        return _resolve_batch_size("auto", recorder, model, probe_set, pad_id, device,
-                                                   extra_tokens=extra)
+            label = f"{concept} {site}/{policy}"
+            if workers.distributed:
+                label += f" [process {workers.rank + 1}/{workers.world}]"
+            total = sum(len(shards[s]) for s in mine) if workers.distributed else len(plan.samples)
 
-                    size = workers.from_main(workers.main_first(probe if workers.is_main else lambda: None))
-                    manifest["batch_size"] = size
-                    if workers.is_main:
-                        runs_io.write_json(manifest_path, manifest)
-                if mine:
-                    ctx = _StageContext(
-                        model=model, tokenizer=tokenizer, recorder=recorder, samples=samples, prompts=prompts,
-                        encoded=encoded, layers=layer_list, width=width, batch_size=size,
-                        max_new_tokens=max_new_tokens, pad_id=pad_id, device=device, directory=directory,
-                        key_digest=key_digest, tokenization=tokenization,
-                    )
-                    ctx.npti_protocol, ctx.count_tokens = npti_protocol, count_tokens
-                    # Compressing and writing a shard takes the CPU a while: a writer thread does it
-                    # while the device captures the next shard. At most one write is pending, so host
-                    # memory holds two shards at most; leaving the block waits for the last write.
-                    pending: Future[None] | None = None
-                    with (
-                        ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpnle-shard-writer") as writer,
-                        _Progress(
-                            len(samples) if not workers.distributed else sum(len(shards[s]) for s in mine),
-                            f"{concept} {site}/{policy}" + (f" [process {workers.rank + 1}/{workers.world}]"
-                                                             if workers.distributed else ""),
-                            progress and workers.is_main,
-                        ) as bar,
-                    ):
-                        if not workers.distributed:
-                            bar.skip(resumed_from)
-                        for shard in mine:
-                            write = _capture_shard(ctx, shard, shards[shard], bar)
-                            if pending is not None:
-                                pending.result()
-                            pending = writer.submit(write)
-                        if pending is not None:
-                            pending.result()
+            def bar() -> Progress:
+                # One process: resumed samples count toward the bar at once, not toward the rates.
+                return Progress(label, total, enabled=progress and workers.is_main,
+                                done=0 if workers.distributed else resumed_from)
+
+            _capture_shards(plan, loaded, mine, fixed_size, site=site, policy=policy, npti_protocol=npti_protocol,
+                            tokenization=tokenization, workers=workers, progress=bar, engine=engine)
         workers.barrier()  # every shard is on disk
         if not workers.is_main:
-            seconds = time.perf_counter() - start
             captured = sum(len(shards[s]) for s in mine)
-            return CaptureSummary(concept, site, policy, captured, 0, seconds, directory, resumed_from)
-        num_tokens = 0
-        total = {(pole, layer): RunningMoments(width) for pole in POLES for layer in layer_list}
-        total_counts: dict[tuple[str, int], TokenCounts] | None = (
-            {(pole, layer): TokenCounts(width) for pole in POLES for layer in layer_list} if count_tokens else None
-        )
-        # Shard order, always: the same partials merged in the same order give the same bits.
-        for shard in range(len(shards)):
-            num_tokens += int(runs_io.parquet_metadata(_shard_path(directory, shard)).get("num_tokens", 0))
-            for cell, partial in _read_moments(_stats_shard_path(directory, shard), width).items():
-                total[cell].merge(partial)
-            # NPTI's pooled counts: summed over shards; absent if any shard lacks them (one captured
-            # before dpnle kept them), so that no statistic covers only part of the samples.
-            if count_tokens and total_counts is not None:
-                shard_counts = _read_token_counts(_stats_shard_path(directory, shard), width)
-                if shard_counts is None:
-                    total_counts = None
-                    manifest["token_counts"] = None
-                else:
-                    for cell, partial_counts in shard_counts.items():
-                        total_counts[cell].merge(partial_counts)
-        runs_io.write_parquet(
-            directory / STATS_FILE,
-            _moments_table(total, layer_list, width, total_counts),
-            metadata={"kind": "stats", "concept": concept, "key_digest": key_digest, "num_shards": len(shards)},
-        )
-        manifest.update(status="done", finished=runs_io.now(), num_tokens=num_tokens, num_processes=workers.world)
-        runs_io.write_json(manifest_path, manifest)
+            return CaptureSummary(concept, site, policy, captured, 0, time.perf_counter() - start, plan.directory,
+                                  resumed_from)
+        num_tokens = _merge_shards(plan, concept)
+        plan.manifest.update(status="done", finished=runs_io.now(), num_tokens=num_tokens, num_processes=workers.world)
+        plan.write_manifest()
     except BaseException as exc:
         if workers.is_main:
             run.record_stage("collect", concept, "failed", error=f"{type(exc).__name__}: {exc}", **stage_params)
@@ -1625,10 +1692,11 @@ def collect_concept(
         lock.release()
     seconds = time.perf_counter() - start
     run.record_stage(
-        "collect", concept, "done", num_samples=int(len(samples)), num_tokens=num_tokens,
+        "collect", concept, "done", num_samples=int(len(plan.samples)), num_tokens=num_tokens,
         seconds=round(seconds, 3), resumed_from=resumed_from, **stage_params,
     )
-    return CaptureSummary(concept, site, policy, int(len(samples)), num_tokens, seconds, directory, resumed_from)
+    return CaptureSummary(concept, site, policy, int(len(plan.samples)), num_tokens, seconds, plan.directory,
+                          resumed_from)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ import math
 import os
 import shutil
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,9 +76,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dpnle import __version__
-from dpnle.arch import SITES, UnsupportedModelError, architecture, find_decoder_layers
-from dpnle.batching import input_device
+from dpnle import __version__, vocab
+from dpnle.arch import UnsupportedModelError, architecture, find_decoder_layers, register_site_hook
+from dpnle.batching import add_special_tokens_for, input_device, left_pad, pad_token_id
 from dpnle.concepts import cli_flag
 from dpnle.models import LoadedModel
 from dpnle.runs import (
@@ -91,15 +91,27 @@ from dpnle.runs import (
     read_parquet,
     write_json,
 )
+from dpnle.vocab import (
+    Direction,
+    DpnleMethod,
+    EditMethod,
+    Mode,
+    NptiMask,
+    Position,
+    Site,
+    check_choice,
+    check_gamma,
+)
 
-EDIT_METHODS = ("dpnle", "dpnle-w", "npti", "caa", "random", "random-mag", "prompt", "none")
+# The edit vocabulary (defined in dpnle.vocab).
+EDIT_METHODS = vocab.EDIT_METHODS
 # The random nulls of the DPN-LE edit: one condition per seed (edit-eval draws them N times).
-RANDOM_METHODS = ("random", "random-mag")
+RANDOM_METHODS = vocab.RANDOM_METHODS
 # Methods the evaluator runs without hooks: build_edit returns None for them.
-HOOKLESS_METHODS = ("prompt", "none")
-POSITIONS = ("all", "prompt", "generated")
-MODES = ("both", "directional")
-DIRECTIONS = {"up": 1, "down": -1}
+HOOKLESS_METHODS = vocab.HOOKLESS_METHODS
+POSITIONS = vocab.POSITIONS
+MODES = vocab.MODES
+DIRECTIONS = vocab.DIRECTION_SIGNS  # {"up": 1, "down": -1}
 
 # NPTI (Deng et al. 2025): a_i += gamma * v95_i * sigmoid(SLOPE * (dp_i - CENTRE)) (dp_i the
 # pole-oriented delta_p) on a KEEP share of the target neurons.
@@ -109,8 +121,8 @@ NPTI_KEEP = 0.9
 # How the KEEP share is drawn: "per-call" (NPTI's published code: a fresh Bernoulli(KEEP) mask on
 # every forward call of every layer), "none" (DPN-LE's re-implementation: every target), "fixed"
 # (one seeded subset of round(KEEP * k) targets per layer, drawn once).
-NPTI_MASKS = ("per-call", "none", "fixed")
-NPTI_MASK_DEFAULT = "per-call"
+NPTI_MASKS = vocab.NPTI_MASKS
+NPTI_MASK_DEFAULT = vocab.NPTI_MASK_DEFAULT
 
 EDIT_INFO_FILE = "dpnle_edit.json"
 # Edit.save / Edit.load: a safetensors file whose header metadata says what it holds.
@@ -139,29 +151,21 @@ class Edit:
     """
 
     method: str
-    site: str
+    site: Site
     vectors: dict[int, LayerVector]
     gamma: float = 1.0
     sign: int = 1
-    positions: str = "all"
+    positions: Position = "all"
     clamp: dict[int, torch.Tensor] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     keep: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.site not in SITES:
-            raise InputError(f"Unknown edit site {self.site!r}; choose one of {', '.join(SITES)}.")
-        try:
-            gamma = float(self.gamma)
-        except (TypeError, ValueError):
-            raise InputError(f"gamma must be a number, not {self.gamma!r}.") from None
-        if not math.isfinite(gamma):
-            raise InputError(f"gamma must be a finite number, not {self.gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
-        self.gamma = gamma
+        check_choice("edit site", self.site, vocab.SITES)
+        self.gamma = check_gamma(self.gamma)
         if self.sign not in (1, -1):
             raise InputError(f"sign must be +1 (raise the concept) or -1 (lower it), not {self.sign!r}.")
-        if self.positions not in POSITIONS:
-            raise InputError(f"Unknown position policy {self.positions!r}; choose one of {', '.join(POSITIONS)}.")
+        check_choice("position policy", self.positions, POSITIONS)
         try:
             keep = float(self.keep)
         except (TypeError, ValueError):
@@ -249,11 +253,11 @@ class Edit:
     def from_selection(
         cls,
         selection: pd.DataFrame,
-        method: str = "dpnle",
-        direction: str = "up",
+        method: DpnleMethod = "dpnle",
+        direction: Direction = "up",
         gamma: float = 1.0,
-        mode: str = "both",
-        positions: str = "all",
+        mode: Mode = "both",
+        positions: Position = "all",
         model: LoadedModel | nn.Module | Mapping[str, Any] | None = None,
         *,
         concept: str | None = None,
@@ -270,7 +274,7 @@ class Edit:
         ``layers`` keeps only those layers. :func:`build_edit` makes its DPN-LE edits the same way.
         """
         method = method.strip().lower()
-        if method not in ("dpnle", "dpnle-w"):
+        if method not in vocab.DPNLE_METHODS:
             raise InputError(f"Edit.from_selection builds DPN-LE edits: method 'dpnle' or 'dpnle-w', not {method!r}.")
         sign = direction_sign(direction)
         _check_edit_args(mode, positions, gamma)
@@ -779,32 +783,22 @@ def _register(edit: Edit, model: nn.Module, prompt_length: int | None) -> EditHa
                 clamp = torch.zeros(width, dtype=torch.bool).index_fill_(0, idx, True).to(device)
             editor = _LayerEditor(add, clamp, edit.positions, tracker, keep_mask)
             handle.keep_masks[layer] = keep_mask
-            handle._hooks.append(_hook(edit.site, module, editor, handle.calls, layer))
+            handle._hooks.append(register_site_hook(arch, edit.site, layer, _counted(editor, handle.calls, layer)))
     except BaseException:
         handle.remove()
         raise
     return handle
 
 
-def _hook(site: str, module: nn.Module, editor: _LayerEditor, calls: dict[int, int], layer: int):
-    if site == "mlp":
+def _counted(editor: _LayerEditor, calls: dict[int, int], layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``editor`` as the function of :func:`dpnle.arch.register_site_hook`, counting its calls in
+    ``calls[layer]`` (:meth:`EditHandle.assert_fired` reads them)."""
 
-        def pre_hook(_module: nn.Module, args: tuple) -> tuple:
-            calls[layer] += 1
-            if not args or not torch.is_tensor(args[0]):
-                raise RuntimeError(f"Layer {layer}'s output projection was called without a positional input tensor.")
-            return (editor(args[0]), *args[1:])
-
-        return module.register_forward_pre_hook(pre_hook)
-
-    def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+    def edit_site(hidden: torch.Tensor) -> torch.Tensor:
         calls[layer] += 1
-        if torch.is_tensor(output):
-            return editor(output)
-        # Decoder layers of some architectures return (hidden_states, *extras).
-        return (editor(output[0]), *output[1:])
+        return editor(hidden)
 
-    return module.register_forward_hook(hook)
+    return edit_site
 
 
 def generate_with_edit(
@@ -817,8 +811,9 @@ def generate_with_edit(
     """``model.generate`` under ``edit`` (None: no edit), prompt length = the padded input length.
 
     ``inputs``: a tokenizer output (``input_ids`` [batch, seq], ``attention_mask``), a tensor of
-    ids, or prompt text(s) with ``tokenizer`` given (encoded with left padding). Returns the
-    generated ids ``[batch, seq + new]``.
+    ids, or prompt text(s) with ``tokenizer`` given (encoded as dpnle encodes rendered prompts:
+    no second BOS after a chat template's; left padding). Returns the generated ids
+    ``[batch, seq + new]``.
     """
     if isinstance(model, LoadedModel):
         tokenizer = tokenizer or model.tokenizer
@@ -826,8 +821,10 @@ def generate_with_edit(
     if isinstance(inputs, (str, list, tuple)):
         if tokenizer is None:
             raise ValueError("generate_with_edit needs a tokenizer to encode prompt text.")
-        tokenizer.padding_side = "left"
-        inputs = tokenizer([inputs] if isinstance(inputs, str) else list(inputs), return_tensors="pt", padding=True)
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        rows = tokenizer(texts, add_special_tokens=add_special_tokens_for(tokenizer))["input_ids"]
+        input_ids, attention_mask = left_pad(rows, pad_token_id(tokenizer))
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if torch.is_tensor(inputs):
         inputs = {"input_ids": inputs}
     device = input_device(model)  # the embeddings' device: right under a device map too
@@ -857,14 +854,14 @@ def generate_with_edit(
 def build_edit(
     run: Run | str | os.PathLike,
     concept: str,
-    method: str,
-    direction: str = "up",
+    method: EditMethod,
+    direction: Direction = "up",
     gamma: float = 1.0,
-    mode: str = "both",
-    positions: str = "all",
+    mode: Mode = "both",
+    positions: Position = "all",
     seed: int = 0,
     layers: Sequence[int] | None = None,
-    npti_mask: str = NPTI_MASK_DEFAULT,
+    npti_mask: NptiMask = NPTI_MASK_DEFAULT,
 ) -> Edit | None:
     """The edit of ``method`` for ``concept`` from a run's localization; None for prompt / none.
 
@@ -882,9 +879,7 @@ def build_edit(
       ``fixed``) picks how the kept share of the targets is drawn.
     - ``caa``: the residual mean difference at the chosen layer.
     """
-    method = method.strip().lower()
-    if method not in EDIT_METHODS:
-        raise InputError(f"Unknown edit method {method!r}; choose one of {', '.join(EDIT_METHODS)}.")
+    method = check_choice("edit method", method.strip().lower(), EDIT_METHODS)
     if method in HOOKLESS_METHODS:
         return None
     sign = direction_sign(direction)
@@ -893,7 +888,7 @@ def build_edit(
     meta: dict[str, Any] = {"concept": concept, "direction": direction, "mode": mode, "seed": seed, "run": run.name}
     clamp = None
     keep = 1.0
-    if method in ("dpnle", "dpnle-w"):
+    if method in vocab.DPNLE_METHODS:
         vectors = dpnle_vectors(run, concept, direction, mode=mode, weighted=method == "dpnle-w")
         site = "mlp"
     elif method == "random":
@@ -937,13 +932,10 @@ def _json_value(obj: Any) -> Any:
     raise TypeError(f"An edit's meta holds a {type(obj).__name__}, which cannot be saved as JSON.")
 
 
-def _check_edit_args(mode: str, positions: str, gamma: float) -> None:
-    if mode not in MODES:
-        raise InputError(f"Unknown edit mode {mode!r}; choose one of {', '.join(MODES)}.")
-    if positions not in POSITIONS:
-        raise InputError(f"Unknown position policy {positions!r}; choose one of {', '.join(POSITIONS)}.")
-    if not math.isfinite(float(gamma)):
-        raise InputError(f"gamma must be a finite number, not {gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
+def _check_edit_args(mode: Mode, positions: Position, gamma: float) -> None:
+    check_choice("edit mode", mode, MODES)
+    check_choice("position policy", positions, POSITIONS)
+    check_gamma(gamma)
 
 
 def _model_record(model: LoadedModel | nn.Module | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -984,11 +976,9 @@ def _edit_from_vectors(
                 positions=positions, clamp=None if clamp is None else dict(clamp), meta=meta, keep=keep)  # fmt: skip
 
 
-def direction_sign(direction: str) -> int:
-    try:
-        return DIRECTIONS[direction]
-    except KeyError:
-        raise InputError(f"Unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}.") from None
+def direction_sign(direction: Direction) -> int:
+    """+1 for "up" (raise the concept), -1 for "down"."""
+    return DIRECTIONS[check_choice("direction", direction, DIRECTIONS)]
 
 
 def _selection(run: Run, concept: str, method: str) -> pd.DataFrame:
@@ -1000,13 +990,15 @@ def _selection(run: Run, concept: str, method: str) -> pd.DataFrame:
 NumpyVectors = dict[int, tuple[np.ndarray, np.ndarray]]
 
 
-def dpnle_vectors(run: Run, concept: str, direction: str, mode: str = "both", weighted: bool = False) -> NumpyVectors:
+def dpnle_vectors(
+    run: Run, concept: str, direction: Direction, mode: Mode = "both", weighted: bool = False
+) -> NumpyVectors:
     """The DPN-LE neurons and deltas the edit of ``direction`` in ``mode`` touches, per layer."""
     return selection_vectors(_selection(run, concept, "dpnle"), direction, mode=mode, weighted=weighted)
 
 
 def selection_vectors(
-    selection: pd.DataFrame, direction: str, mode: str = "both", weighted: bool = False
+    selection: pd.DataFrame, direction: Direction, mode: Mode = "both", weighted: bool = False
 ) -> NumpyVectors:
     """Per layer, the neurons (int64, ascending) and deltas (float32) a DPN-LE edit of
     ``direction`` in ``mode`` touches, from a selection (:func:`dpnle.localize.select_dpnle`'s
@@ -1048,7 +1040,9 @@ def _layer_widths(run: Run, concept: str) -> dict[int, int]:
     return {int(layer): int(max(recorded or 0, row["count"], row["max"] + 1)) for layer, row in grouped.iterrows()}
 
 
-def random_control_vectors(run: Run, concept: str, direction: str, mode: str = "both", seed: int = 0) -> NumpyVectors:
+def random_control_vectors(
+    run: Run, concept: str, direction: Direction, mode: Mode = "both", seed: int = 0
+) -> NumpyVectors:
     """The size-matched random control of the DPN-LE edit (``direction``, ``mode``).
 
     Per layer: as many neurons as the DPN-LE edit touches there, drawn uniformly without
@@ -1119,7 +1113,7 @@ def magnitude_passers(frame: pd.DataFrame, quantile: float) -> np.ndarray:
 
 
 def magnitude_null_selection(
-    frame: pd.DataFrame, quantile: float, direction: str, mode: str = "both", seed: int = 0, concept: str = ""
+    frame: pd.DataFrame, quantile: float, direction: Direction, mode: Mode = "both", seed: int = 0, concept: str = ""
 ) -> pd.DataFrame:
     """One draw of the magnitude-only null of the DPN-LE edit (``direction``, ``mode``), as a
     selection frame (layer, neuron, delta, cohens_d, selected, pole) of the drawn neurons alone.
@@ -1135,8 +1129,7 @@ def magnitude_null_selection(
     only (stream ``random-mag``): the same seed gives the same neurons.
     """
     sign = direction_sign(direction)
-    if mode not in MODES:
-        raise InputError(f"Unknown edit mode {mode!r}; choose one of {', '.join(MODES)}.")
+    check_choice("edit mode", mode, MODES)
     selected = frame["selected"].to_numpy(dtype=bool)
     target = selection_vectors(frame[selected], direction, mode=mode)
     layer_col = frame["layer"].to_numpy(dtype=np.int64)
@@ -1170,7 +1163,9 @@ def magnitude_null_selection(
     })
 
 
-def magnitude_null_vectors(run: Run, concept: str, direction: str, mode: str = "both", seed: int = 0) -> NumpyVectors:
+def magnitude_null_vectors(
+    run: Run, concept: str, direction: Direction, mode: Mode = "both", seed: int = 0
+) -> NumpyVectors:
     """The ``random-mag`` edit of a run: the magnitude-only null of the DPN-LE edit (``direction``,
     ``mode``), drawn with ``seed`` (see :func:`magnitude_null_selection`)."""
     frame, quantile = magnitude_frame(run, concept)
@@ -1179,7 +1174,7 @@ def magnitude_null_vectors(run: Run, concept: str, direction: str, mode: str = "
 
 
 def npti_vectors(
-    run: Run, concept: str, direction: str, seed: int = 0, npti_mask: str = NPTI_MASK_DEFAULT
+    run: Run, concept: str, direction: Direction, seed: int = 0, npti_mask: NptiMask = NPTI_MASK_DEFAULT
 ) -> tuple[NumpyVectors, dict[int, np.ndarray], dict[str, Any]]:
     """NPTI's edit at the gate site: (add vectors, clamp indices, meta).
 
@@ -1200,8 +1195,7 @@ def npti_vectors(
     - ``fixed``: one seeded subset of exactly ``round(0.9 k)`` targets per layer, drawn once
       per (seed, concept, layer, direction).
     """
-    if npti_mask not in NPTI_MASKS:
-        raise InputError(f"Unknown NPTI mask {npti_mask!r}; choose one of {', '.join(NPTI_MASKS)}.")
+    check_choice("NPTI mask", npti_mask, NPTI_MASKS)
     sign = direction_sign(direction)
     selection = _selection(run, concept, "npti")
     missing = {"layer", "neuron", "delta_p", "pole", "v95"} - set(selection.columns)

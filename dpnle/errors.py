@@ -5,7 +5,8 @@ Every error that describes bad input or state, with a message that names the fix
 ``RuntimeError`` for a missing or damaged artifact), so ``except DpnleError`` catches all of
 them and ``except ValueError`` callers keep working:
 
-- :class:`dpnle.runs.InputError` (ValueError): a parameter value that cannot work;
+- :class:`InputError` (ValueError; also importable from :mod:`dpnle.runs`): a parameter value
+  that cannot work;
 - :class:`dpnle.runs.ArtifactError` (RuntimeError): an artifact is missing, corrupt or foreign;
 - :class:`dpnle.pairs.PairsError`, :class:`dpnle.concepts.UnknownConceptError`,
   :class:`dpnle.arch.UnsupportedModelError`, :class:`dpnle.capability.CapabilityError` (ValueError);
@@ -20,3 +21,7 @@ from __future__ import annotations
 
 class DpnleError(Exception):
     """Base of dpnle's user-facing errors: bad input or state, with a message that names the fix."""
+
+
+class InputError(ValueError, DpnleError):
+    """A parameter value that cannot work (out of range, unknown name); the message names the fix."""

@@ -22,6 +22,8 @@ Layout: ``eval/validity/<instrument>-<scorer>.parquet``, ``eval/<concept>/<condi
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import json
 import math
@@ -35,7 +37,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from dpnle import vocab
 from dpnle.concepts import TRAITS, VALUES, get_concept
+from dpnle.lmeval import is_lmeval_benchmark
+from dpnle.progress import Progress, subtask
 from dpnle.runs import (
     ArtifactError,
     InputError,
@@ -46,13 +51,26 @@ from dpnle.runs import (
     remove_temp_files,
     write_parquet,
 )
+from dpnle.vocab import (
+    HOOKLESS_METHODS,
+    Direction,
+    EditMethod,
+    Engine,
+    Mode,
+    NptiMask,
+    Position,
+    Scorer,
+    check_choice,
+    check_gamma,
+)
 
-METHODS = ("dpnle", "dpnle-w", "npti", "caa", "random", "random-mag", "prompt", "none")
-# The random nulls (dpnle.edits.RANDOM_METHODS): one condition per seed, ``random_draws`` of them.
-RANDOM_METHODS = ("random", "random-mag")
-DIRECTIONS = ("up", "down")
+# The vocabulary of edit-eval (defined in dpnle.vocab): its methods in table order, the random
+# nulls (one condition per seed, ``random_draws`` of them), directions and scorers.
+METHODS = vocab.EDIT_METHODS
+RANDOM_METHODS = vocab.RANDOM_METHODS
+DIRECTIONS = vocab.DIRECTIONS
 QUESTIONNAIRES = ("ipip120", "ipip300-test", "ipip300", "pvq40")
-SCORERS = ("likert", "statement", "yesno")
+SCORERS = vocab.SCORERS
 CAPABILITY = ("gsm8k", "mmlu", "arc", "hellaswag", "truthfulqa", "hotpotqa")
 NEUTRAL = "neutral"
 OPEN_ENDED = "personalitybench"
@@ -89,19 +107,19 @@ class Condition:
 
 @dataclass
 class EvalConfig:
-    methods: Sequence[str] = ("dpnle", "random", "prompt", "none")
-    directions: Sequence[str] = DIRECTIONS
+    methods: Sequence[EditMethod] = ("dpnle", "random", "prompt", "none")
+    directions: Sequence[Direction] = DIRECTIONS
     # Edit strengths of every edit method, unless ``method_gammas`` names the method: the
     # DPN-LE paper's capability table runs DPN-LE at 0.8 and NPTI at 1.4 (see parse_gammas).
     gammas: Sequence[float] = (1.0,)
     benchmarks: Sequence[str] = ("ipip120", NEUTRAL)
-    scorers: Sequence[str] = ("likert", "statement")
+    scorers: Sequence[Scorer] = ("likert", "statement")
     limit: int | None = None  # questionnaire items per dimension
     capability_limit: int | None = 100  # items per capability benchmark
     open_ended_limit: int | None = 20  # PersonalityBench questions per trait
     judge: str = "none"
-    positions: str = "all"
-    mode: str = "both"
+    positions: Position = "all"
+    mode: Mode = "both"
     seed: int = 0
     # Draws of each random null (random, random-mag): with N draws the smallest null p is 1/(N+1).
     random_draws: int = 20
@@ -116,57 +134,49 @@ class EvalConfig:
     method_gammas: Mapping[str, Sequence[float]] = field(default_factory=dict)
     # How NPTI edits draw their kept 90% of targets (dpnle.edits.NPTI_MASKS): "per-call" (NPTI's
     # code: a fresh mask per forward call), "none" (DPN-LE's re-implementation), "fixed".
-    npti_mask: str = "per-call"
+    npti_mask: NptiMask = vocab.NPTI_MASK_DEFAULT
     # Which engine generates (GSM8K, HotpotQA, PersonalityBench answers): "hf" or "vllm"
     # (dpnle.engines); log-likelihood scoring always runs on the Hugging Face model.
-    engine: str = "hf"
+    engine: Engine = "hf"
     # vLLM's tensor parallelism: each rank edits the MLP units of its slice (dpnle.vllm_worker).
     tensor_parallel_size: int = 1
+    # Folder(s) of local lm-eval task YAMLs for ``lmeval:<task>`` benchmarks (else DPNLE_LMEVAL_INCLUDE).
+    lmeval_include: str | None = None
 
     def __post_init__(self) -> None:
         for method in self.methods:
-            if method not in METHODS:
-                raise EvalError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
+            check_choice("method", method, METHODS, error=EvalError, choose="choose from")
         for direction in self.directions:
-            if direction not in DIRECTIONS:
-                raise EvalError(f"Unknown direction {direction!r}; choose up and/or down.")
+            check_choice("direction", direction, DIRECTIONS, error=EvalError, choose="choose from")
         if isinstance(self.gammas, Mapping):  # {"dpnle": [...], "*": [...]}: the per-method form
             named = dict(self.gammas)
             self.gammas = tuple(named.pop("*", ()))
             self.method_gammas = {**named, **dict(self.method_gammas)}
         self.method_gammas = {str(m).strip().lower(): tuple(v) for m, v in dict(self.method_gammas).items()}
         for gamma in [*self.gammas, *(g for v in self.method_gammas.values() for g in v)]:
-            try:
-                finite = math.isfinite(float(gamma))
-            except (TypeError, ValueError):
-                finite = False
-            if not finite:
-                raise EvalError(f"gamma must be a finite number, not {gamma!r}: pass e.g. --gammas 0.5,1,1.5.")
+            check_gamma(gamma, error=EvalError)
         for method, values in self.method_gammas.items():
-            if method not in METHODS or method in ("none", "prompt"):
+            if method not in METHODS or method in HOOKLESS_METHODS:
                 raise EvalError(f"--gammas names {method!r}, which takes no edit strength; name edit methods "
-                                f"({', '.join(m for m in METHODS if m not in ('none', 'prompt'))}).")
+                                f"({', '.join(m for m in METHODS if m not in HOOKLESS_METHODS)}).")
             if method not in self.methods:
                 raise EvalError(f"--gammas names {method!r}, which is not among the methods "
                                 f"({', '.join(self.methods)}): add it to --methods or drop it from --gammas.")
             if not values:
                 raise EvalError(f"--gammas gives {method!r} no value; pass e.g. --gammas {method}=0.8.")
-        from dpnle.edits import NPTI_MASKS
-
-        if self.npti_mask not in NPTI_MASKS:
-            raise EvalError(f"Unknown NPTI mask {self.npti_mask!r}; choose one of {', '.join(NPTI_MASKS)}.")
+        check_choice("NPTI mask", self.npti_mask, vocab.NPTI_MASKS, error=EvalError)
         for bench in self.benchmarks:
-            if bench not in BENCHMARKS:
-                raise EvalError(f"Unknown benchmark {bench!r}; choose from {', '.join(BENCHMARKS)}.")
+            if not is_lmeval_benchmark(bench):
+                check_choice("benchmark", bench, BENCHMARKS, error=EvalError, choose="choose from",
+                             hint="or lmeval:<task>")
         for scorer in self.scorers:
-            if scorer not in SCORERS:
-                raise EvalError(f"Unknown scorer {scorer!r}; choose from {', '.join(SCORERS)}.")
+            check_choice("scorer", scorer, SCORERS, error=EvalError, choose="choose from")
         if self.random_draws < 1:
             raise EvalError("random_draws must be at least 1.")
         if not (self.methods and self.benchmarks):
             raise EvalError("Name at least one method and one benchmark (e.g. --methods dpnle,none "
                             "--benchmarks ipip120).")
-        ungiven = [m for m in self.methods if m not in ("none", "prompt") and not self.gammas_for(m)]
+        ungiven = [m for m in self.methods if m not in HOOKLESS_METHODS and not self.gammas_for(m)]
         if ungiven:
             raise EvalError(f"No edit strength for {', '.join(ungiven)}: pass e.g. --gammas 1, or per method "
                             f"--gammas {ungiven[0]}=1 (methods not named use the unnamed values).")
@@ -191,6 +201,16 @@ class EvalConfig:
         if int(self.tensor_parallel_size) > 1 and self.engine != "vllm":
             raise EvalError("--tensor-parallel-size splits the model over GPUs inside vLLM: pass --engine vllm, or "
                             "--device-map auto to spread a model over devices on the hf engine.")
+        self.lmeval_settings()  # lm-eval installed, each task loadable, its metric per item, the edit applicable
+
+    def lmeval_settings(self) -> dict[str, Any]:
+        """What each ``lmeval:`` benchmark is (lm-eval's version, the task's config and documents
+        digests); checked once per process and setting."""
+        lmeval = tuple(b for b in self.benchmarks if is_lmeval_benchmark(b))
+        if not lmeval:
+            return {}
+        stochastic = "npti" in self.methods and self.npti_mask == "per-call"
+        return copy.deepcopy(_lmeval_settings(lmeval, self.positions, stochastic, self.lmeval_include))
 
     def gammas_for(self, method: str) -> tuple[float, ...]:
         """The edit strengths of ``method``: its own (``method_gammas``) or the shared ``gammas``."""
@@ -218,7 +238,19 @@ class EvalConfig:
             settings.update(engine_settings(self.engine))
             if int(self.tensor_parallel_size) > 1:  # another reduction order: other numerics
                 settings["tensor_parallel_size"] = int(self.tensor_parallel_size)
+        lmeval = self.lmeval_settings()
+        if lmeval:  # only then: digests of runs without lm-eval tasks stay as they were
+            settings["lmeval"] = lmeval
         return {**settings, "judge": redact_judge_spec(str(self.judge))}  # no secret in artifacts
+
+
+@functools.lru_cache(maxsize=32)
+def _lmeval_settings(benchmarks: tuple[str, ...], positions: str, stochastic: bool,
+                     include: str | None) -> dict[str, Any]:
+    from dpnle.lmeval import check_benchmark
+
+    return {b: check_benchmark(b, edit_positions=positions, stochastic=stochastic, include_path=include)
+            for b in benchmarks}
 
 
 def conditions(config: EvalConfig) -> list[Condition]:
@@ -397,7 +429,7 @@ def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, con
     engine = (engine_for(loaded, config.engine, tensor_parallel_size=config.tensor_parallel_size)
               if any(b in GENERATING for b in config.benchmarks) else None)
     edit = None
-    if condition.method not in ("none", "prompt"):
+    if condition.method not in HOOKLESS_METHODS:
         edit = build_edit(run, concept, condition.method, direction=condition.direction, gamma=condition.gamma,
                           mode=config.mode, positions=config.positions, seed=condition.seed,
                           npti_mask=config.npti_mask)
@@ -420,14 +452,25 @@ def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, con
             }))
     for bench in config.benchmarks:
         if bench in CAPABILITY:
-            rows = capability.run_benchmark(model, tokenizer, bench, edit=edit, limit=config.capability_limit, engine=engine,
-                                            seed=config.seed, batch_size=config.batch_size)
+            def run(bench=bench) -> pd.DataFrame:
+                return capability.run_benchmark(model, tokenizer, bench, edit=edit, limit=config.capability_limit,
+                                                engine=engine, seed=config.seed, batch_size=config.batch_size)
+
+            # The capability prompts carry no persona, so every unedited condition (none, prompt)
+            # of every concept scores the same items the same way: computed once per process.
+            if edit is None:
+                rows = _unedited(loaded, ("capability", bench, config.capability_limit, config.seed,
+                                          config.batch_size, config.engine, config.tensor_parallel_size), run)
+            else:
+                rows = run()
             frames.append(pd.DataFrame({
                 "benchmark": bench, "scorer": rows["metric"], "item_id": rows["item_id"].astype(str),
                 "dimension": "", "key": np.nan, "prompt": rows["prompt"], "output": rows["output"].astype(str),
                 "raw": rows["score"].astype(float), "score": rows["score"].astype(float),
                 "chance": rows["chance"].astype(float),
             }))
+        elif is_lmeval_benchmark(bench):
+            frames.append(_lmeval_rows(loaded, bench, edit, config))
         elif bench == NEUTRAL:
             reference = _unedited(loaded, ("neutral", config.batch_size), lambda: capability.neutral_reference(
                 model, tokenizer, batch_size=config.batch_size))
@@ -453,20 +496,41 @@ def evaluate_condition(run: Run, loaded, concept: str, condition: Condition, con
     return frame[[*ROW_COLUMNS, "num_neurons"]]
 
 
+def _lmeval_rows(loaded, bench: str, edit, config: EvalConfig) -> pd.DataFrame:
+    """An lm-eval task's per-document rows under ``edit``, on the HF model (whatever the engine),
+    as condition rows; unedited, once per process."""
+    from dpnle.lmeval import run_lmeval_task
+
+    def run() -> pd.DataFrame:
+        return run_lmeval_task(loaded, None, bench, edit=edit, limit=config.capability_limit, seed=config.seed,
+                               batch_size=config.batch_size, include_path=config.lmeval_include)
+
+    rows = (_unedited(loaded, ("lmeval", bench, config.capability_limit, config.seed, config.batch_size,
+                               config.lmeval_include), run) if edit is None else run())
+    return pd.DataFrame({
+        "benchmark": bench, "scorer": rows["metric"], "item_id": rows["item_id"].astype(str), "dimension": "",
+        "key": np.nan, "prompt": rows["prompt"], "output": rows["output"].astype(str),
+        "raw": rows["score"].astype(float), "score": rows["score"].astype(float),
+        "chance": rows["chance"].astype(float),
+    })
+
+
 def _open_ended(loaded, concept: str, edit, persona: str | None, config: EvalConfig, key: str,
                 engine=None) -> pd.DataFrame:
     from dpnle import datasets
-    from dpnle.judges import generate_answers, parse_judge
+    from dpnle.judges import generate_answers, judge_for
 
     questions = datasets.load_pb_test(concept)
     if config.open_ended_limit is not None:
         questions = questions[: config.open_ended_limit]
     answers = generate_answers(loaded.model, loaded.tokenizer, [q.text for q in questions], edit=edit,
                                persona=persona, batch_size=config.batch_size, engine=engine)
-    judge = parse_judge(config.judge)
+    judge = judge_for(config.judge)
     rows = []
-    for q, answer in zip(questions, answers, strict=True):
-        rating = judge.rate(concept, q.text, answer, condition=key)
+    with subtask(f"ratings ({judge.spec})", len(questions)) as advance:
+        ratings = judge.rate_many(concept, [q.text for q in questions], answers, condition=key,
+                                  on_rated=lambda: advance(1))
+    for q, answer, rating in zip(questions, answers, ratings, strict=True):
         for scorer, value in (("trait", rating.trait_score), ("fluency", rating.fluency)):
             rows.append({"benchmark": OPEN_ENDED, "scorer": scorer, "item_id": q.id, "dimension": concept,
                          "key": 1.0, "prompt": q.text, "output": answer, "raw": value, "score": value,
@@ -489,60 +553,19 @@ class EvalResult:
     paths: list[Path] = field(default_factory=list)
 
 
-class _ConditionProgress:
-    """A rich progress bar over one concept's conditions (a no-op when disabled)."""
-
-    def __init__(self, description: str, total: int, enabled: bool):
-        self.description, self.total, self.enabled = description, total, enabled
-        self._progress: Any = None
-        self._task: Any = None
-        self._computed = 0
-        self._start = time.perf_counter()
-
-    def __enter__(self) -> _ConditionProgress:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
-            self._progress.__enter__()
-            self._task = self._progress.add_task(self.description, total=self.total, rate="")
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-            self._progress = None
-
-    def advance(self, computed: bool) -> None:
-        if self._progress is None:
-            return
-        self._computed += int(computed)
-        task = self._progress.tasks[0]
-        rate = ""
-        if self._computed:
-            each = (time.perf_counter() - self._start) / self._computed
-            left = each * (self.total - task.completed - 1)
-            rate = f"{each:.1f} s/condition, ~{left / 60:.0f} min left"
-        self._progress.update(self._task, advance=1, rate=rate)
-
-
 def _evaluate_or_reuse(run: Run, loaded, concept: str, condition: Condition, config: EvalConfig,
                        scorers: Any, settings: dict[str, Any], localization: dict[str, Any], model_digest: Any,
-                       computed: list[str], reused: list[str], paths: list[Path],
-                       log: Callable[[str], None]) -> None:
+                       log: Callable[[str], None]) -> tuple[Path, bool]:
     """One condition: reused if nothing that made it changed (settings, model, and the neurons
-    file its method reads), else computed and written with its provenance."""
+    file its method reads), else computed and written with its provenance. Returns the
+    condition's file and whether it was computed (False: reused)."""
     source = _NEURON_SOURCES.get(condition.method)
     digest = condition_digest(settings, model_digest, localization.get(source) if source else None)
     path = condition_path(run, concept, condition)
     if path.exists():
         with contextlib.suppress(ArtifactError):
             if parquet_metadata(path).get("settings_digest") == digest:
-                reused.append(condition.key)
-                paths.append(path)
-                return
+                return path, False
     t0 = time.perf_counter()
     frame = evaluate_condition(run, loaded, concept, condition, config, scorers)
     remove_temp_files(path)  # what a killed run left; never read
@@ -552,8 +575,7 @@ def _evaluate_or_reuse(run: Run, loaded, concept: str, condition: Condition, con
         "localization": localization.get(source) if source else None, "seconds": time.perf_counter() - t0,
     })
     log(f"{concept}: {condition.key} done in {time.perf_counter() - t0:.1f} s")
-    computed.append(condition.key)
-    paths.append(path)
+    return path, True
 
 
 def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
@@ -574,11 +596,14 @@ def evaluate_concept(run: Run, loaded, concept: str, config: EvalConfig,
     model_digest = loaded.fingerprint.get("digest")
     computed, reused, paths = [], [], []
     todo = conditions(config)
-    with _ConditionProgress(f"{concept}: conditions", len(todo), progress) as bar:
+    with Progress(f"{concept}: conditions", len(todo), enabled=progress, unit="condition") as bar:
         for condition in todo:
-            _evaluate_or_reuse(run, loaded, concept, condition, config, scorers, settings, localization,
-                               model_digest, computed, reused, paths, log)
-            bar.advance(computed=condition.key in computed)
+            path, was_computed = _evaluate_or_reuse(run, loaded, concept, condition, config, scorers, settings,
+                                                    localization, model_digest, log)
+            (computed if was_computed else reused).append(condition.key)
+            paths.append(path)
+            # Reused conditions move the bar, not the rate or the time left.
+            bar.advance(timed=was_computed)
     keys = [c.key for c in todo]
     # The conditions of this call are the concept's current ones: tables and reports use them
     # alone, and list every other condition file as stale (see condition_files).
@@ -799,7 +824,7 @@ def summarize(rows: pd.DataFrame, validity: pd.DataFrame | None = None) -> pd.Da
 
 # Methods whose changes are tested against the random-edit null, and the draws that null needs:
 # with N draws the smallest attainable null_p is 1/(N+1) (0.5 with one draw, 0.048 with 20).
-NULL_TESTED = ("dpnle", "dpnle-w")
+NULL_TESTED = vocab.DPNLE_METHODS
 MIN_NULL_DRAWS = 20
 _NULL_KEY = ["concept", "benchmark", "scorer", "dimension", "direction", "gamma"]
 _NULL_FAMILY = ["benchmark", "scorer", "method", "direction", "gamma"]
@@ -904,18 +929,18 @@ def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
     """
     from dpnle.instruments import held_out
 
-    if kind not in TABLE_KINDS:
-        raise EvalError(f"Unknown table {kind!r}; choose one of {', '.join(TABLE_KINDS)}.")
+    check_choice("table", kind, TABLE_KINDS, error=EvalError)
     if summary.empty:
         return summary
     out = []
     personality = QUESTIONNAIRES + (OPEN_ENDED,) if kind != "capability" else ()
     target = summary[summary["target"] & summary["benchmark"].isin(personality)]
-    capability = summary[summary["benchmark"].isin(CAPABILITY + (NEUTRAL,) if kind != "personality" else ())]
+    capability = summary[(summary["benchmark"].isin(CAPABILITY + (NEUTRAL,)) | summary["benchmark"].map(
+        is_lmeval_benchmark)) if kind != "personality" else np.zeros(len(summary), dtype=bool)]
     # One row per gamma: a cell never averages conditions of different strength.
     for (concept, method, gamma), part in summary.groupby(["concept", "method", "gamma"], sort=False):
         row: dict[str, Any] = {"concept": concept, "method": method, "neurons": int(part["num_neurons"].max()),
-                               "gamma": f"{gamma:g}" if method not in ("none", "prompt") else ""}
+                               "gamma": f"{gamma:g}" if method not in HOOKLESS_METHODS else ""}
         same = (target["concept"] == concept) & (target["method"] == method) & (target["gamma"] == gamma)
         for (bench, scorer), sub in target[same].groupby(["benchmark", "scorer"], sort=False):
             # Validity is per concept: marked in the cell, so one column holds every concept.
@@ -924,7 +949,7 @@ def paper_table(summary: pd.DataFrame, kind: str = "all") -> pd.DataFrame:
             tag = f"{bench}/{scorer}"
             if bench in QUESTIONNAIRES and held_out(bench):
                 tag += " held-out"
-            for direction in ("up", "down"):
+            for direction in DIRECTIONS:
                 d = sub[sub["direction"] == direction]
                 if len(d):
                     cell = _fmt_effect(d)
@@ -956,7 +981,7 @@ def _by_direction(part: pd.DataFrame, column: str, fmt: str) -> str:
     values = part.groupby("direction")[column].mean()
     if list(values.index) == ["-"]:
         return fmt.format(values.iloc[0])
-    return " / ".join(f"{d} {fmt.format(values[d])}" for d in ("up", "down") if d in values.index)
+    return " / ".join(f"{d} {fmt.format(values[d])}" for d in DIRECTIONS if d in values.index)
 
 
 NO_BASELINE = "no baseline"

@@ -52,7 +52,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -60,9 +60,22 @@ import torch
 from scipy import stats as sps
 from torch import nn
 
-from dpnle.batching import cache_keyword, forward_accepts, input_device, output_cache, pad_token_id
+from dpnle import vocab
+from dpnle.batching import (
+    EditLike,
+    add_special_tokens_for,
+    cache_keyword,
+    forward_accepts,
+    input_device,
+    left_pad,
+    length_sorted_batches,
+    output_cache,
+    pad_token_id,
+    positions_from_mask,
+)
 from dpnle.concepts import Concept, get_concept
 from dpnle.pairs import PERSONA_STATEMENT_TEMPLATE, render_prompt
+from dpnle.vocab import check_choice
 
 __all__ = [
     "INSTRUMENTS",
@@ -92,10 +105,11 @@ __all__ = [
     "dimension_scores",
     "default_personas",
     "validity_check",
+    "validity_verdict",
 ]
 
-Scorer = Literal["likert", "statement", "yesno"]
-SCORERS: tuple[str, ...] = ("likert", "statement", "yesno")
+Scorer = vocab.Scorer
+SCORERS = vocab.SCORERS
 INSTRUMENTS: tuple[str, ...] = ("ipip120", "ipip300-test", "ipip300", "pvq40")
 
 # The persona framing of DPN-LE's prompts, shared by every scorer: the item prompt follows it.
@@ -129,12 +143,6 @@ PVQ_LIKERT_TEMPLATE = (
 MIN_COHENS_D = 0.5
 SIGN_TEST_ALPHA = 0.05
 COLLAPSE_ALPHA = 0.05
-
-
-class EditLike(Protocol):
-    """What :mod:`dpnle.edits` provides: hooks registered for the duration of the block."""
-
-    def apply(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,8 +289,7 @@ def _as_instrument(instrument: str | Instrument) -> Instrument:
 
 
 def _check_scorer(scorer: str) -> None:
-    if scorer not in SCORERS:
-        raise ValueError(f"Unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}.")
+    check_choice("scorer", scorer, SCORERS, error=ValueError)
 
 
 def scale_range(instrument: str | Instrument, scorer: str) -> tuple[float, float]:
@@ -423,11 +430,11 @@ def _last_logits(
         shared = _shared_prefix_logits(model, rows, pad_id, keep)
         if shared is not None:
             return shared
-    input_ids, mask = _left_pad(rows, pad_id, input_device(model))
+    input_ids, mask = left_pad(rows, pad_id, input_device(model))
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
     # Positions from the mask, so a padded row sees the positions it would see alone.
     if forward_accepts(model, "position_ids"):
-        kwargs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        kwargs["position_ids"] = positions_from_mask(mask)
     if forward_accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     # Only the last positions are needed: skip the lm_head on the rest where the model allows.
@@ -436,17 +443,6 @@ def _last_logits(
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
     return logits[:, -keep:, :].float()
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` left-padded into (input_ids, attention_mask), both [batch, longest] long, on ``device``."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return input_ids.to(device), mask.to(device)
 
 
 MIN_SHARED_PREFIX = 8  # tokens: below this a second forward pass costs more than it saves
@@ -502,12 +498,12 @@ def _shared_prefix_logits(
             _NO_SHARED_PREFIX.add(model)
         return None
     cache.batch_repeat_interleave(len(rows))
-    input_ids, tail_mask = _left_pad([r[prefix:] for r in rows], pad_id, device)
+    input_ids, tail_mask = left_pad([r[prefix:] for r in rows], pad_id, device)
     mask = torch.cat([torch.ones((len(rows), prefix), dtype=torch.long, device=device), tail_mask], dim=1)
     kwargs = {
         "input_ids": input_ids,
         "attention_mask": mask,
-        "position_ids": (prefix + tail_mask.cumsum(dim=1) - 1).clamp(min=prefix),
+        "position_ids": positions_from_mask(tail_mask, start=prefix),
         cache_keyword(model): cache,
         "use_cache": True,
     }
@@ -518,9 +514,7 @@ def _shared_prefix_logits(
 
 
 def _encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    # A chat template writes its own special tokens (BOS included): do not add them twice.
-    add_special = not bool(getattr(tokenizer, "chat_template", None))
-    ids = tokenizer(list(prompts), add_special_tokens=add_special)["input_ids"]
+    ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens_for(tokenizer))["input_ids"]
     return [list(x) for x in ids]
 
 
@@ -537,9 +531,8 @@ def _batches(
         labels = np.asarray(groups)
         parts = [np.flatnonzero(labels == g) for g in dict.fromkeys(labels.tolist())]
     for part in parts:
-        order = part[np.argsort(-lengths[part], kind="stable")]
-        for start in range(0, len(order), batch_size):
-            yield order[start : start + batch_size]
+        for batch in length_sorted_batches(lengths[part], batch_size):
+            yield part[batch]
 
 
 @dataclass
@@ -940,62 +933,76 @@ def validity_check(
             progress(
                 f"{inst.name}/{scorer}/{concept}: {len(items)} items x {len(high_p) + len(low_p)} personas"
             )
+        # Scoring: raw scores [personas, items], the high personas' rows first.
         scored = _score_raw(model, tokenizer, inst, items, scorer, [*high_p, *low_p], batch_size, None)
         raw = scored.raw.reshape(len(high_p) + len(low_p), len(items))
         keys = np.array([item.key for item in items], dtype=np.float64)
-        keyed = _keyed(raw, keys[None, :], scorer, low_bound, high_bound)
-        raw_high, raw_low = raw[: len(high_p)].mean(axis=0), raw[len(high_p) :].mean(axis=0)
-        keyed_high, keyed_low = keyed[: len(high_p)].mean(axis=0), keyed[len(high_p) :].mean(axis=0)
-
-        diff = keyed_high - keyed_low
-        n_up, n_down = int((diff > 0).sum()), int((diff < 0).sum())
-        sign_p = float(sps.binomtest(n_up, n_up + n_down, 0.5).pvalue) if n_up + n_down else 1.0
-        d = _paired_d(diff)
-
-        plus, minus = keys > 0, keys < 0
-        shift = raw_high - raw_low
-        testable = bool(plus.sum() >= 2 and minus.sum() >= 2)
-        interaction = _mean(shift[plus]) - _mean(shift[minus])
-        interaction_p = _welch(shift[plus], shift[minus])
-        if testable:
-            if math.isnan(interaction_p):  # no variance at all: the keys made no difference
-                interaction_p = 1.0 if interaction == 0 else 0.0
-            collapse = not (interaction > 0 and interaction_p < COLLAPSE_ALPHA)
-        else:
-            collapse = False
-        width = high_bound - low_bound
-        rows.append(
-            {
-                "instrument": inst.name,
-                "scorer": scorer,
-                "concept": concept,
-                "n_items": len(items),
-                "n_plus": int(plus.sum()),
-                "n_minus": int(minus.sum()),
-                "n_personas": len(high_p),
-                "mean_high": float(keyed_high.mean()),
-                "mean_low": float(keyed_low.mean()),
-                "separation": float(diff.mean()),
-                "separation_normalized": float(diff.mean()) / width,
-                "cohens_d": d,
-                "n_up": n_up,
-                "n_down": n_down,
-                "sign_p": sign_p,
-                "raw_plus_high": _mean(raw_high[plus]),
-                "raw_minus_high": _mean(raw_high[minus]),
-                "gap_high": abs(_mean(raw_high[plus]) - _mean(raw_high[minus])),
-                "gap_high_p": _welch(raw_high[plus], raw_high[minus]),
-                "raw_plus_low": _mean(raw_low[plus]),
-                "raw_minus_low": _mean(raw_low[minus]),
-                "gap_low": abs(_mean(raw_low[plus]) - _mean(raw_low[minus])),
-                "gap_low_p": _welch(raw_low[plus], raw_low[minus]),
-                "shift_plus": _mean(shift[plus]),
-                "shift_minus": _mean(shift[minus]),
-                "key_interaction": interaction,
-                "key_interaction_p": interaction_p,
-                "collapse_testable": testable,
-                "collapse": bool(collapse),
-                "passed": bool(d > MIN_COHENS_D and sign_p < SIGN_TEST_ALPHA and not collapse),
-            }
-        )
+        verdict = validity_verdict(raw, keys, len(high_p), scorer, low_bound, high_bound)
+        rows.append({"instrument": inst.name, "scorer": scorer, "concept": concept, **verdict})
     return pd.DataFrame(rows, columns=VALIDITY_COLUMNS)
+
+
+def validity_verdict(
+    raw: np.ndarray, keys: np.ndarray, n_high: int, scorer: str, low: float, high: float
+) -> dict[str, Any]:
+    """The statistics and verdict of :func:`validity_check` for one concept, from its scores alone.
+
+    ``raw``: raw (unkeyed) item scores [personas, items], the first ``n_high`` rows under high
+    personas and the rest under low ones; ``keys``: each item's key (+1 / -1); ``low`` / ``high``:
+    the scale's range (:func:`scale_range`). Returns the columns of :data:`VALIDITY_COLUMNS` from
+    ``n_items`` on, as :func:`validity_check` documents them.
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    keys = np.asarray(keys, dtype=np.float64)
+    if raw.ndim != 2 or raw.shape[1] != len(keys) or not 0 < n_high < raw.shape[0]:
+        raise ValueError("raw must be [personas, items] with at least one high and one low persona row.")
+    keyed = _keyed(raw, keys[None, :], scorer, low, high)
+    raw_high, raw_low = raw[:n_high].mean(axis=0), raw[n_high:].mean(axis=0)
+    keyed_high, keyed_low = keyed[:n_high].mean(axis=0), keyed[n_high:].mean(axis=0)
+
+    diff = keyed_high - keyed_low
+    n_up, n_down = int((diff > 0).sum()), int((diff < 0).sum())
+    sign_p = float(sps.binomtest(n_up, n_up + n_down, 0.5).pvalue) if n_up + n_down else 1.0
+    d = _paired_d(diff)
+
+    plus, minus = keys > 0, keys < 0
+    shift = raw_high - raw_low
+    testable = bool(plus.sum() >= 2 and minus.sum() >= 2)
+    interaction = _mean(shift[plus]) - _mean(shift[minus])
+    interaction_p = _welch(shift[plus], shift[minus])
+    if testable:
+        if math.isnan(interaction_p):  # no variance at all: the keys made no difference
+            interaction_p = 1.0 if interaction == 0 else 0.0
+        collapse = not (interaction > 0 and interaction_p < COLLAPSE_ALPHA)
+    else:
+        collapse = False
+    width = high - low
+    return {
+        "n_items": len(keys),
+        "n_plus": int(plus.sum()),
+        "n_minus": int(minus.sum()),
+        "n_personas": n_high,
+        "mean_high": float(keyed_high.mean()),
+        "mean_low": float(keyed_low.mean()),
+        "separation": float(diff.mean()),
+        "separation_normalized": float(diff.mean()) / width,
+        "cohens_d": d,
+        "n_up": n_up,
+        "n_down": n_down,
+        "sign_p": sign_p,
+        "raw_plus_high": _mean(raw_high[plus]),
+        "raw_minus_high": _mean(raw_high[minus]),
+        "gap_high": abs(_mean(raw_high[plus]) - _mean(raw_high[minus])),
+        "gap_high_p": _welch(raw_high[plus], raw_high[minus]),
+        "raw_plus_low": _mean(raw_low[plus]),
+        "raw_minus_low": _mean(raw_low[minus]),
+        "gap_low": abs(_mean(raw_low[plus]) - _mean(raw_low[minus])),
+        "gap_low_p": _welch(raw_low[plus], raw_low[minus]),
+        "shift_plus": _mean(shift[plus]),
+        "shift_minus": _mean(shift[minus]),
+        "key_interaction": interaction,
+        "key_interaction_p": interaction_p,
+        "collapse_testable": testable,
+        "collapse": bool(collapse),
+        "passed": bool(d > MIN_COHENS_D and sign_p < SIGN_TEST_ALPHA and not collapse),
+    }

@@ -48,15 +48,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpnle.batching import input_device
-from dpnle.capability import EditLike, generate_texts
+from dpnle.batching import EditLike, add_special_tokens_for, input_device
+from dpnle.capability import generate_texts
 from dpnle.concepts import get_concept
 from dpnle.errors import DpnleError
 from dpnle.pairs import DPNLE_TEMPLATE, render_prompt
@@ -306,6 +307,7 @@ class Judge:
 
     spec: str = "none"
     enabled: bool = True
+    concurrency: int = 1  # ratings requested at once by rate_many (a local model rates one at a time)
 
     def __init__(self, spec: str, cache_path: str | Path | None = None, use_cache: bool = True) -> None:
         self.spec = spec
@@ -330,11 +332,27 @@ class Judge:
         return rating
 
     def rate_many(
-        self, trait: str, questions: Sequence[str], answers: Sequence[str], condition: str = ""
+        self, trait: str, questions: Sequence[str], answers: Sequence[str], condition: str = "",
+        on_rated: Callable[[], None] | None = None,
     ) -> list[Rating]:
+        """:meth:`rate` for each (question, answer), in order; up to :attr:`concurrency` of them at
+        once (threads: an endpoint's requests overlap, the cache is shared). ``on_rated`` is
+        called after each rating (from the worker threads)."""
         if len(questions) != len(answers):
             raise JudgeError("questions and answers differ in length.")
-        return [self.rate(trait, q, a, condition) for q, a in zip(questions, answers, strict=True)]
+
+        def one(pair: tuple[str, str]) -> Rating:
+            rating = self.rate(trait, pair[0], pair[1], condition)
+            if on_rated is not None:
+                on_rated()
+            return rating
+
+        pairs = list(zip(questions, answers, strict=True))
+        if self.concurrency <= 1 or len(pairs) <= 1:
+            return [one(pair) for pair in pairs]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(pairs)),
+                                thread_name_prefix="dpnle-judge") as pool:
+            return list(pool.map(one, pairs))
 
     def _rate(self, trait: str, question: str, answer: str) -> Rating:
         raise NotImplementedError
@@ -480,6 +498,7 @@ class OpenAIJudge(Judge):
         max_tokens: int = 256,
         cache_path: str | Path | None = None,
         use_cache: bool = True,
+        concurrency: int | None = None,
     ) -> None:
         key_name = ""
         if api_key is None:
@@ -496,7 +515,9 @@ class OpenAIJudge(Judge):
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.max_tokens = max_tokens
+        self.concurrency = _concurrency(concurrency)
         self.requests_sent = 0
+        self._count_lock = threading.Lock()
 
     def _wait(self, attempt: int, retry_after: str | None) -> None:
         delay = self.backoff_s * (2**attempt)
@@ -529,7 +550,8 @@ class OpenAIJudge(Judge):
         last_error: str = ""
         for attempt in range(self.max_retries + 1):
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            self.requests_sent += 1
+            with self._count_lock:
+                self.requests_sent += 1
             retry_after = None
             try:
                 with self._opener.open(request, timeout=self.timeout_s) as response:
@@ -623,9 +645,8 @@ class HFJudge(Judge):
         """P(digit) for "1".."5" at the first answer token, renormalized over the five digits,
         plus ``mass``: the unnormalized total (how much the judge wanted to answer with a digit)."""
         text = render_prompt(self.tokenizer, prompt)
-        chat = bool(getattr(self.tokenizer, "chat_template", None))
         # Token-level concatenation: the prefix's tokens follow the prompt's as generated ones would.
-        prompt_ids = list(self.tokenizer(text, add_special_tokens=not chat)["input_ids"])
+        prompt_ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens_for(self.tokenizer))["input_ids"])
         ids = torch.tensor([prompt_ids + self.prefix_ids])
         device = input_device(self.model)  # the embeddings' device: right under a device map too
         logits = self.model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device)).logits
@@ -646,6 +667,34 @@ class HFJudge(Judge):
         fluency_value, fluency_dist = self.expected_rating(fluency_prompt(answer, LOCAL_ENDING))
         raw = json.dumps({"trait": trait_dist, "fluency": fluency_dist})
         return Rating(trait_value, fluency_value, raw)
+
+
+DEFAULT_CONCURRENCY = 8  # requests in flight to an OpenAI-compatible judge (DPNLE_JUDGE_CONCURRENCY)
+
+
+def _concurrency(value: int | None) -> int:
+    """``value``, else ``DPNLE_JUDGE_CONCURRENCY``, else :data:`DEFAULT_CONCURRENCY`; at least 1."""
+    if value is None:
+        raw = os.environ.get("DPNLE_JUDGE_CONCURRENCY", "").strip()
+        try:
+            value = int(raw) if raw else DEFAULT_CONCURRENCY
+        except ValueError:
+            raise JudgeError(f"DPNLE_JUDGE_CONCURRENCY must be a whole number, not {raw!r}.") from None
+    if int(value) < 1:
+        raise JudgeError(f"The judge's concurrency must be at least 1, not {value}.")
+    return int(value)
+
+
+_JUDGES: dict[tuple[str, str], Judge] = {}
+
+
+def judge_for(spec: str, cache_path: str | Path | None = None) -> Judge:
+    """The process's judge for ``spec``: made by :func:`parse_judge` on first use and kept, so a
+    local judge model loads once per process however many conditions it rates."""
+    key = (spec, str(cache_path if cache_path is not None else default_cache_path()))
+    if key not in _JUDGES:
+        _JUDGES[key] = parse_judge(spec, cache_path)
+    return _JUDGES[key]
 
 
 def parse_judge(spec: str, cache_path: str | Path | None = None, **options: Any) -> Judge:
@@ -732,12 +781,13 @@ def generate_answers(
     prompts = [render_prompt(tokenizer, pb_message(t, persona)) for t in texts]
     return generate_texts(
         model, tokenizer, prompts, edit=edit, max_new_tokens=max_new_tokens,
-        repetition_penalty=repetition_penalty, batch_size=batch_size, engine=engine,
+        repetition_penalty=repetition_penalty, batch_size=batch_size, engine=engine, label="PersonalityBench answers",
     )
 
 
 __all__ = [
     "CONCEPT_MARKERS",
+    "DEFAULT_CONCURRENCY",
     "PB_BATCH_SIZE",
     "PB_MAX_NEW_TOKENS",
     "PB_REPETITION_PENALTY",
@@ -755,6 +805,7 @@ __all__ = [
     "digit_token_ids",
     "fluency_prompt",
     "generate_answers",
+    "judge_for",
     "may_send_key",
     "parse_judge",
     "parse_rating",

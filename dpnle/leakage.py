@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from dpnle import vocab
 from dpnle.concepts import ALL_CONCEPTS, VALUES, circumplex_distance, higher_order_group
 from dpnle.runs import Run, read_parquet
 
@@ -48,8 +49,8 @@ BOOTSTRAP_SEED = 0
 AVERAGE = "mean"
 # Non-dimension columns of a leakage matrix.
 MATRIX_META = ("delta_target", "ci_low_target", "ci_high_target", "target_moved")
-# The order methods are listed in everywhere (evaluate.METHODS without importing the model stack).
-METHOD_ORDER = ("dpnle", "dpnle-w", "npti", "caa", "random", "random-mag", "prompt", "none")
+# The order methods are listed in everywhere (dpnle.vocab.EDIT_METHODS).
+METHOD_ORDER = vocab.EDIT_METHODS
 
 SHIFT_COLUMNS = [
     "concept", "condition", "method", "direction", "gamma", "n_seeds", "dimension", "target",

@@ -45,8 +45,18 @@ from dpnle.runs import (
     write_parquet,
 )
 from dpnle.stats import LayerStats, cohens_d
+from dpnle.vocab import (
+    LOCALIZATION_METHODS,
+    MODES,
+    NPTI_SELECTIONS,
+    LocalizationMethod,
+    Mode,
+    NptiSelection,
+    check_choice,
+)
 
-METHODS = ("dpnle", "npti", "caa")
+# The localization methods (defined in dpnle.vocab).
+METHODS = LOCALIZATION_METHODS
 # (site, policy) of the capture each method reads.
 METHOD_CAPTURE: dict[str, tuple[str, str]] = {
     "dpnle": ("mlp", "last"),
@@ -110,15 +120,13 @@ def model_defaults(model_id: str, config_path: Path | None = None) -> dict[str, 
 
 
 def check_parameters(
-    method: str = "dpnle",
+    method: LocalizationMethod = "dpnle",
     quantile: float | None = None,
     d_threshold: float | None = None,
     top_k: int | None = None,
 ) -> None:
     """Refuse a method or threshold that cannot select anything meaningful (None: not given)."""
-    if method not in METHODS:
-        raise InputError(f"Unknown localization method {method!r}; choose one of {', '.join(METHODS)} "
-                         "(e.g. --method dpnle).")
+    check_choice("localization method", method, METHODS, hint="(e.g. --method dpnle)")
     if quantile is not None:
         q = float(quantile)
         if not 0.0 < q < 1.0:  # also refuses NaN
@@ -380,8 +388,7 @@ def _top_k(score: np.ndarray, k: int, per_layer: bool) -> np.ndarray:
     return mask
 
 
-NPTI_SELECTIONS = ("reference", "per-layer")
-DEFAULT_NPTI_SELECTION = "reference"
+DEFAULT_NPTI_SELECTION: NptiSelection = "reference"
 NPTI_MAX_LINES = 300_000  # process_neuron.py reads at most this many lines of a sorted list
 NPTI_REFERENCE_RULE = (
     "NPTI process_neuron.py: firing rate p = tokens with act > 0 / tokens, pooled over all tokens of a pole "
@@ -501,7 +508,7 @@ def select_npti(
     min_delta_p: float = 0.1,
     per_layer: bool = True,
     layers: Sequence[int] | None = None,
-    selection: str = "per-layer",
+    selection: NptiSelection = "per-layer",
 ) -> pd.DataFrame:
     """NPTI selection: ``delta_p = P(act > 0 | high) - P(act > 0 | low)`` at the gate site.
 
@@ -530,8 +537,7 @@ def select_npti(
     read once). Without it, v95 is NaN.
     """
     stats = stats_gate_response
-    if selection not in NPTI_SELECTIONS:
-        raise InputError(f"Unknown NPTI selection {selection!r}; choose one of {', '.join(NPTI_SELECTIONS)}.")
+    check_choice("NPTI selection", selection, NPTI_SELECTIONS)
     if selection == "reference":
         chosen = list(stats.layers) if layers is None else [int(x) for x in layers]
         return _select_npti_reference(stats, chosen, _layer_rows(stats, chosen), top_k, min_delta_p)
@@ -804,6 +810,184 @@ def _dpnle_summary(frame: pd.DataFrame, width: int) -> pd.DataFrame:
     return summary
 
 
+@dataclass
+class _Capture:
+    """The statistics a localization reads, and what the run and the capture say about the model."""
+
+    stats: LayerStats
+    site: str
+    policy: str
+    path: Path  # the statistics file, recorded as the localization's source
+    run_model: dict[str, Any]  # the model run.json records
+    model: dict[str, Any]  # the model the capture's manifest records
+    num_layers: Any  # the model's layer count (capture, then run.json, then the highest captured layer + 1)
+    width: int  # neurons per layer
+    defaults: dict[str, Any]  # configs/models.yaml's localization defaults for the model
+
+
+@dataclass
+class _Selection:
+    """A method's selection on one capture, before it is written."""
+
+    frame: pd.DataFrame  # the rows neurons/<concept>[.method].parquet holds
+    params: dict[str, Any]  # the method's parameters as used (defaults filled in)
+    summary: pd.DataFrame  # as LocalizeResult.summary
+    total: int
+    total_share: float  # NaN for caa
+
+
+def _read_capture(run: Run, concept: str, method: str) -> _Capture:
+    """The capture ``method`` reads for ``concept``; refuses one made with another model than the run's."""
+    from dpnle import collect
+
+    site, policy = METHOD_CAPTURE[method]
+    stats = collect.load_stats(run, concept, site=site, policy=policy)
+    check_capture_model(run, stats)
+    run_model = _run_model(run)
+    capture_model = (stats.meta or {}).get("model") or {}
+    model_id = run_model.get("id") or capture_model.get("id") or ""
+    num_layers = (
+        _num_layers(stats) or (run_model.get("fingerprint") or {}).get("num_layers") or max(stats.layers) + 1
+    )
+    width = int(np.asarray(stats.mean_high).shape[1])
+    defaults = model_defaults(model_id)
+    return _Capture(stats, site, policy, _stats_file(run, concept, site, policy), run_model, capture_model,
+                    num_layers, width, defaults)
+
+
+def _localize_dpnle(
+    run: Run,
+    concept: str,
+    capture: _Capture,
+    quantile: float | None,
+    d_threshold: float | None,
+    layers: str | None,
+    auto_threshold: float,
+    seed: int,
+) -> _Selection:
+    """DPN-LE on ``capture``: thresholds and layers default to the model's; ``layers="auto"`` starts
+    at :func:`auto_start_layer`."""
+    stats, defaults = capture.stats, capture.defaults
+    quantile = float(defaults["quantile"] if quantile is None else quantile)
+    d_threshold = float(defaults["d_threshold"] if d_threshold is None else d_threshold)
+    spec = str(defaults["layers"] if layers is None else layers)
+    params: dict[str, Any] = {}
+    if spec.strip().lower() == "auto":
+        start, auto = auto_start_layer(
+            run, concept, site=capture.site, policy=capture.policy, threshold=auto_threshold, seed=seed, stats=stats
+        )
+        chosen_layers = [x for x in stats.layers if x >= start]
+        params["auto"] = auto
+    else:
+        chosen_layers = _parse_layers(spec, int(capture.num_layers))
+    frame = select_dpnle(stats, chosen_layers, quantile=quantile, d_threshold=d_threshold)
+    params.update(
+        quantile=quantile,
+        d_threshold=d_threshold,
+        layers_spec=spec,
+        layers=_ranges(chosen_layers),
+        weights="per layer over HIGH and LOW together; ordinal rank of |d|, ties by neuron",
+    )
+    total = int(frame["selected"].sum())
+    return _Selection(frame, params, _dpnle_summary(frame, capture.width), total,
+                      total / (int(capture.num_layers) * capture.width))
+
+
+def _localize_npti(
+    run: Run,
+    capture: _Capture,
+    layers: str | None,
+    top_k: int,
+    min_delta_p: float,
+    top_k_per_layer: bool,
+    npti_selection: str,
+) -> _Selection:
+    """NPTI's selection on ``capture`` over every captured layer, or ``layers``."""
+    stats = capture.stats
+    chosen_layers = list(stats.layers) if layers is None else _parse_layers(layers, int(capture.num_layers))
+    check_choice("--npti-selection", npti_selection, NPTI_SELECTIONS)
+    reference = npti_selection == "reference"
+    activations, note = (None, None) if reference else _npti_activations(run, stats, chosen_layers)
+    frame = select_npti(
+        stats,
+        activations,
+        top_k=top_k,
+        min_delta_p=min_delta_p,
+        per_layer=top_k_per_layer,
+        layers=chosen_layers,
+        selection=npti_selection,
+    )
+    meta = stats.meta or {}
+    params: dict[str, Any] = dict(
+        npti_selection=npti_selection,
+        top_k=top_k,
+        top_k_scope="all chosen layers together (NPTI reference)" if reference
+        else ("per layer" if top_k_per_layer else "all layers"),
+        min_delta_p=min_delta_p,
+        layers=_ranges(chosen_layers),
+        firing_rate="pooled over tokens (float32)" if reference else "mean over samples of per-sample fractions",
+        v95="lower edge of the 95% bin of the pole's 301-bin histogram (NPTI calculate_quantiles)" if reference
+        else ("95th percentile of per-sample activations of the neuron's pole" if note is None else note),
+        npti_protocol=meta.get("npti_protocol") or "dpnle",
+        capture_generation=meta.get("generation"),
+    )
+    if reference:
+        params.update(rule=NPTI_REFERENCE_RULE, tie_order="lower layer, then lower neuron",
+                      max_rows_read=NPTI_MAX_LINES)
+    total = int(frame["selected"].sum())
+    return _Selection(frame, params, _dpnle_summary(frame, capture.width), total,
+                      total / (int(capture.num_layers) * capture.width))
+
+
+def _localize_caa(capture: _Capture, layer: int | None) -> _Selection:
+    """CAA's layer on ``capture``: ``layer``, or the most separable one; the summary scores every layer."""
+    frame = select_caa(capture.stats, layer)
+    caa = frame.attrs.pop("caa")
+    scores = caa["score_per_layer"]
+    summary = pd.DataFrame({"layer": [int(k) for k in scores], "score": list(scores.values())}).assign(
+        chosen=lambda t: t["layer"] == caa["layer"]
+    )
+    return _Selection(frame, dict(caa), summary, int(frame["chosen"].sum()), math.nan)
+
+
+def _localization_metadata(
+    concept: str, method: str, capture: _Capture, selection: _Selection, params: dict[str, Any]
+) -> dict[str, Any]:
+    """The provenance a neurons file carries: parameters, model, pairs and capture it was made from."""
+    meta = capture.stats.meta or {}
+    return {
+        "stage": "localize",
+        "concept": concept,
+        "method": method,
+        "parameters": params,
+        "model": capture.model or capture.run_model,
+        "pairs_digest": _pairs_digest(capture.stats),
+        # How the capture's inputs were made: pair recipe, template, sampling and seed, tokenization.
+        "inputs": {**(meta.get("pairs") or {}), "tokenization": meta.get("tokenization")},
+        "source": str(capture.path),
+        "total_selected": selection.total,
+        "total_share": None if math.isnan(selection.total_share) else selection.total_share,
+        "model_defaults": {k: v for k, v in capture.defaults.items() if k != "config"},
+    }
+
+
+def _write_localization(run: Run, concept: str, method: str, frame: pd.DataFrame, metadata: dict[str, Any]) -> Path:
+    """Write ``neurons/<concept>[.method].parquet`` and record the localize stage in run.json."""
+    remove_temp_files(run.neurons_path(concept, method))  # what a killed run left; never read
+    path = write_parquet(run.neurons_path(concept, method), frame, metadata)
+    run.record_stage(
+        "localize",
+        concept if method == "dpnle" else f"{concept}:{method}",
+        "done",
+        method=method,
+        path=str(path.relative_to(run.path)),
+        total_selected=metadata["total_selected"],
+        total_share=metadata["total_share"],
+        **metadata["parameters"],
+    )
+    return path
+
+
 def localize_concept(
     run: Run,
     concept: str,
@@ -828,121 +1012,18 @@ def localize_concept(
     layers together, from pooled counts and histograms) or ``per-layer`` (dpnle's earlier rule:
     top ``top_k`` per layer, per-sample firing fractions and v95); see :func:`select_npti`.
     """
-    from dpnle import collect
-
     check_parameters(method, quantile=quantile, d_threshold=d_threshold, top_k=top_k)
-    site, policy = METHOD_CAPTURE[method]
-    stage_key = concept if method == "dpnle" else f"{concept}:{method}"
-    stats = collect.load_stats(run, concept, site=site, policy=policy)
-    check_capture_model(run, stats)
-    run_model = _run_model(run)
-    model_id = run_model.get("id") or ((stats.meta or {}).get("model") or {}).get("id") or ""
-    num_layers = (
-        _num_layers(stats) or (run_model.get("fingerprint") or {}).get("num_layers") or max(stats.layers) + 1
-    )
-    width = int(np.asarray(stats.mean_high).shape[1])
-    defaults = model_defaults(model_id)
-    capture_model = (stats.meta or {}).get("model") or {}
-    stats_file = _stats_file(run, concept, site, policy)
-    params: dict[str, Any] = {"site": site, "policy": policy}
-
+    capture = _read_capture(run, concept, method)
     if method == "dpnle":
-        quantile = float(defaults["quantile"] if quantile is None else quantile)
-        d_threshold = float(defaults["d_threshold"] if d_threshold is None else d_threshold)
-        spec = str(defaults["layers"] if layers is None else layers)
-        if spec.strip().lower() == "auto":
-            start, auto = auto_start_layer(
-                run, concept, site=site, policy=policy, threshold=auto_threshold, seed=seed, stats=stats
-            )
-            chosen_layers = [x for x in stats.layers if x >= start]
-            params["auto"] = auto
-        else:
-            chosen_layers = _parse_layers(spec, int(num_layers))
-        frame = select_dpnle(stats, chosen_layers, quantile=quantile, d_threshold=d_threshold)
-        params.update(
-            quantile=quantile,
-            d_threshold=d_threshold,
-            layers_spec=spec,
-            layers=_ranges(chosen_layers),
-            weights="per layer over HIGH and LOW together; ordinal rank of |d|, ties by neuron",
-        )
-        summary = _dpnle_summary(frame, width)
-        total = int(frame["selected"].sum())
-        total_share = total / (int(num_layers) * width)
+        selection = _localize_dpnle(run, concept, capture, quantile, d_threshold, layers, auto_threshold, seed)
     elif method == "npti":
-        chosen_layers = list(stats.layers) if layers is None else _parse_layers(layers, int(num_layers))
-        if npti_selection not in NPTI_SELECTIONS:
-            raise InputError(f"Unknown --npti-selection {npti_selection!r}; choose one of "
-                             f"{', '.join(NPTI_SELECTIONS)}.")
-        reference = npti_selection == "reference"
-        activations, note = (None, None) if reference else _npti_activations(run, stats, chosen_layers)
-        frame = select_npti(
-            stats,
-            activations,
-            top_k=top_k,
-            min_delta_p=min_delta_p,
-            per_layer=top_k_per_layer,
-            layers=chosen_layers,
-            selection=npti_selection,
-        )
-        meta = stats.meta or {}
-        params.update(
-            npti_selection=npti_selection,
-            top_k=top_k,
-            top_k_scope="all chosen layers together (NPTI reference)" if reference
-            else ("per layer" if top_k_per_layer else "all layers"),
-            min_delta_p=min_delta_p,
-            layers=_ranges(chosen_layers),
-            firing_rate="pooled over tokens (float32)" if reference else "mean over samples of per-sample fractions",
-            v95="lower edge of the 95% bin of the pole's 301-bin histogram (NPTI calculate_quantiles)" if reference
-            else ("95th percentile of per-sample activations of the neuron's pole" if note is None else note),
-            npti_protocol=meta.get("npti_protocol") or "dpnle",
-            capture_generation=meta.get("generation"),
-        )
-        if reference:
-            params.update(rule=NPTI_REFERENCE_RULE, tie_order="lower layer, then lower neuron",
-                          max_rows_read=NPTI_MAX_LINES)
-        summary = _dpnle_summary(frame, width)
-        total = int(frame["selected"].sum())
-        total_share = total / (int(num_layers) * width)
+        selection = _localize_npti(run, capture, layers, top_k, min_delta_p, top_k_per_layer, npti_selection)
     else:
-        frame = select_caa(stats, layer)
-        caa = frame.attrs.pop("caa")
-        params.update(caa)
-        scores = caa["score_per_layer"]
-        summary = pd.DataFrame({"layer": [int(k) for k in scores], "score": list(scores.values())}).assign(
-            chosen=lambda t: t["layer"] == caa["layer"]
-        )
-        total = int(frame["chosen"].sum())
-        total_share = math.nan
-
-    metadata = {
-        "stage": "localize",
-        "concept": concept,
-        "method": method,
-        "parameters": params,
-        "model": capture_model or run_model,
-        "pairs_digest": _pairs_digest(stats),
-        # How the capture's inputs were made: pair recipe, template, sampling and seed, tokenization.
-        "inputs": {**((stats.meta or {}).get("pairs") or {}), "tokenization": (stats.meta or {}).get("tokenization")},
-        "source": str(stats_file),
-        "total_selected": total,
-        "total_share": None if math.isnan(total_share) else total_share,
-        "model_defaults": {k: v for k, v in defaults.items() if k != "config"},
-    }
-    remove_temp_files(run.neurons_path(concept, method))  # what a killed run left; never read
-    path = write_parquet(run.neurons_path(concept, method), frame, metadata)
-    run.record_stage(
-        "localize",
-        stage_key,
-        "done",
-        method=method,
-        path=str(path.relative_to(run.path)),
-        total_selected=total,
-        total_share=metadata["total_share"],
-        **params,
-    )
-    return LocalizeResult(concept, method, path, summary, total, total_share, params)
+        selection = _localize_caa(capture, layer)
+    params = {"site": capture.site, "policy": capture.policy, **selection.params}
+    metadata = _localization_metadata(concept, method, capture, selection, params)
+    path = _write_localization(run, concept, method, selection.frame, metadata)
+    return LocalizeResult(concept, method, path, selection.summary, selection.total, selection.total_share, params)
 
 
 def _parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -952,7 +1033,7 @@ def _parse_layers(spec: str, num_layers: int) -> list[int]:
         raise InputError(f"--layers {spec!r}: {exc} Pass e.g. --layers 0-{num_layers - 1}, 2,5 or auto.") from None
 
 
-def load_selection(run: Run, concept: str, method: str = "dpnle") -> pd.DataFrame:
+def load_selection(run: Run, concept: str, method: LocalizationMethod = "dpnle") -> pd.DataFrame:
     """The selected rows of a localization (CAA: the chosen layer's units).
 
     Refuses a neurons file that is unreadable, lacks the selection column, or was made from
@@ -1020,7 +1101,7 @@ def _check_selection_provenance(
 
 
 def edit_vectors(
-    selection: pd.DataFrame, weighted: bool = False, mode: str = "both"
+    selection: pd.DataFrame, weighted: bool = False, mode: Mode = "both"
 ) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
     """The DPN-LE edit from a selection: ``{"high"|"low": {layer: (neuron int64, delta float32)}}``.
 
@@ -1029,8 +1110,7 @@ def edit_vectors(
     it edits both); ``mode="directional"`` re-ranks within each (layer, pole), as the reference
     does when it edits HIGH alone to raise or LOW alone to lower. Neurons are in ascending order.
     """
-    if mode not in ("both", "directional"):
-        raise ValueError(f"mode must be 'both' or 'directional', not {mode!r}.")
+    check_choice("edit mode", mode, MODES, error=ValueError)
     missing = {"layer", "neuron", "delta", "pole"} - set(selection.columns)
     if missing:
         raise ArtifactError(f"Not a DPN-LE selection: columns {sorted(missing)} are missing.")
@@ -1137,7 +1217,7 @@ def captured_concepts(run: Run, method: str = "dpnle") -> list[str]:
     return known + sorted(c for c in found if c not in ALL_CONCEPTS)
 
 
-def localize_all(run: Run, method: str = "dpnle", **params: Any) -> list[LocalizeResult]:
+def localize_all(run: Run, method: LocalizationMethod = "dpnle", **params: Any) -> list[LocalizeResult]:
     """Localize every captured concept, then write the overlap table (not for CAA)."""
     check_parameters(method, quantile=params.get("quantile"), d_threshold=params.get("d_threshold"))
     concepts = captured_concepts(run, method)

@@ -29,14 +29,16 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from dpnle import vocab
 from dpnle.runs import InputError
 
 COST_BENCHMARK = "neutral"
 COST_SCORER = "kl"
-REFERENCE_METHODS = ("dpnle", "dpnle-w")
+# The methods whose conditions set the common cost levels, the first one present (DPN-LE's edits).
+REFERENCE_METHODS = vocab.DPNLE_METHODS
 BAND = (2.5, 97.5)
-# Methods drawn several times (one sweep per seed): summarized as a median and a band.
-DRAWN_METHODS = ("random", "random-mag")
+# Methods drawn several times (one sweep per seed; the random nulls): summarized as a median and a band.
+DRAWN_METHODS = vocab.RANDOM_METHODS
 
 POINT_COLUMNS = ["concept", "method", "direction", "gamma", "seed", "condition", "kl", "delta", "ci_low",
                  "ci_high"]
@@ -55,7 +57,7 @@ def cost_points(summary: pd.DataFrame, benchmark: str, scorer: str) -> pd.DataFr
                          "--benchmarks including neutral (KL on neutral text).")
     kl = cost.groupby(["concept", "condition"])["mean"].mean().rename("kl")
     target = summary[(summary["benchmark"] == benchmark) & (summary["scorer"] == scorer) & summary["target"].astype(bool)
-                     & ~summary["method"].isin(["none", "prompt"])]
+                     & ~summary["method"].isin(vocab.HOOKLESS_METHODS)]
     if target.empty:
         return pd.DataFrame(columns=POINT_COLUMNS)
     points = target.merge(kl.reset_index(), on=["concept", "condition"], how="inner")

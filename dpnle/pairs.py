@@ -53,10 +53,12 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from dpnle import vocab
 from dpnle.concepts import Concept, get_concept
 from dpnle.errors import DpnleError
 from dpnle.paths import project_data_dir
@@ -84,11 +86,11 @@ NPTI_TEMPLATE = (
     "###Personality description:{personality}\n\n###Question:{question}\n\n###Response:\n"
 )
 
-RECIPES = ("personalitybench", "anthropic-persona", "values")
+RECIPES = vocab.PAIR_RECIPES
 DEFAULT_NUM_PAIRS = 1000
 DEFAULT_SEED = 0
-PAIR_SAMPLINGS = ("dpnle", "reference")
-DEFAULT_PAIR_SAMPLING = "dpnle"
+PAIR_SAMPLINGS = vocab.PAIR_SAMPLINGS
+DEFAULT_PAIR_SAMPLING: vocab.PairSampling = "dpnle"
 REFERENCE_PAIR_SEED = 42  # build_steering_data.py's --seed default
 
 PAIR_COLUMNS = [
@@ -163,11 +165,11 @@ def _cycled_permutation(rng: np.random.Generator, pool_size: int, count: int) ->
 
 def make_pairs(
     concept: str | Concept,
-    recipe: str | None = None,
+    recipe: vocab.PairRecipe | None = None,
     num_pairs: int = DEFAULT_NUM_PAIRS,
     seed: int = DEFAULT_SEED,
     questions_path: str | Path | None = None,
-    pair_sampling: str = DEFAULT_PAIR_SAMPLING,
+    pair_sampling: vocab.PairSampling = DEFAULT_PAIR_SAMPLING,
     pair_seed: int | None = None,
 ) -> pd.DataFrame:
     """Build ``num_pairs`` question-matched contrastive pairs for ``concept`` (deterministic in
@@ -181,8 +183,7 @@ def make_pairs(
     concept = concept if isinstance(concept, Concept) else get_concept(concept)
     recipe = recipe or default_recipe(concept)
     check_pair_sampling(pair_sampling, pair_seed)
-    if recipe not in RECIPES:
-        raise PairsError(f"Unknown pair recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
+    vocab.check_choice("pair recipe", recipe, RECIPES, error=PairsError)
     if num_pairs < 1:
         raise PairsError("The number of pairs must be at least 1.")
     if recipe in ("personalitybench", "anthropic-persona") and concept.kind != "trait":
@@ -224,26 +225,28 @@ def make_pairs(
         h_idx = rng.integers(0, len(high), size=num_pairs)
         l_idx = rng.integers(0, len(low), size=num_pairs)
         _redraw_duplicates(rng, pool, high, low, q_idx, h_idx, l_idx, recipe, concept.name)
-        rows = []
-        for k in range(num_pairs):
-            q = pool[q_idx[k]]
-            (hid, htext), (lid, ltext) = high[h_idx[k]], low[l_idx[k]]
-            rows.append(
-                {
-                    "question_id": q.id,
-                    "question": q.text,
-                    "high_description_id": hid,
-                    "low_description_id": lid,
-                    "high_message": DPNLE_TEMPLATE.format(description=htext, question=q.text),
-                    "low_message": DPNLE_TEMPLATE.format(description=ltext, question=q.text),
-                    "high_response_prefix": "",
-                    "low_response_prefix": "",
-                }
-            )
+        rows = [
+            _description_pair_row(pool[q_idx[k]], high[h_idx[k]], low[l_idx[k]]) for k in range(num_pairs)
+        ]
     source = None
     if recipe != "anthropic-persona":
         source = str(questions_path) if questions_path else "dpnle:data/questions.jsonl"
     return _with_info(_pair_frame(rows, concept.name, recipe), recipe, "dpnle", seed, source)
+
+
+def _description_pair_row(question: Question, high: tuple[str, str], low: tuple[str, str]) -> dict[str, Any]:
+    """One pair of the description recipes: the question under a high and a low (id, description)."""
+    (hid, htext), (lid, ltext) = high, low
+    return {
+        "question_id": question.id,
+        "question": question.text,
+        "high_description_id": hid,
+        "low_description_id": lid,
+        "high_message": DPNLE_TEMPLATE.format(description=htext, question=question.text),
+        "low_message": DPNLE_TEMPLATE.format(description=ltext, question=question.text),
+        "high_response_prefix": "",
+        "low_response_prefix": "",
+    }
 
 
 def _pair_frame(rows: list[dict], concept: str, recipe: str) -> pd.DataFrame:
@@ -281,12 +284,9 @@ def pairs_info(pairs: pd.DataFrame) -> dict:
     return info
 
 
-def check_pair_sampling(pair_sampling: str, pair_seed: int | None = None) -> None:
-    if pair_sampling not in PAIR_SAMPLINGS:
-        raise PairsError(
-            f"Unknown pair sampling {pair_sampling!r}; choose one of {', '.join(PAIR_SAMPLINGS)} "
-            "(e.g. --pair-sampling reference)."
-        )
+def check_pair_sampling(pair_sampling: vocab.PairSampling, pair_seed: int | None = None) -> None:
+    vocab.check_choice("pair sampling", pair_sampling, PAIR_SAMPLINGS, error=PairsError,
+                       hint="(e.g. --pair-sampling reference)")
     if pair_seed is not None and pair_sampling != "reference":
         raise PairsError(
             "--pair-seed is the seed of --pair-sampling reference; dpnle's own sampling takes --seed."
@@ -350,20 +350,7 @@ def _reference_pairs(
     rng = random.Random(seed)
     high_draws = [rng.choice(high) for _ in questions]  # every high draw first, as the reference
     low_draws = [rng.choice(low) for _ in questions]
-    rows = []
-    for q, (hid, htext), (lid, ltext) in zip(questions, high_draws, low_draws, strict=True):
-        rows.append(
-            {
-                "question_id": q.id,
-                "question": q.text,
-                "high_description_id": hid,
-                "low_description_id": lid,
-                "high_message": DPNLE_TEMPLATE.format(description=htext, question=q.text),
-                "low_message": DPNLE_TEMPLATE.format(description=ltext, question=q.text),
-                "high_response_prefix": "",
-                "low_response_prefix": "",
-            }
-        )
+    rows = [_description_pair_row(q, h, lo) for q, h, lo in zip(questions, high_draws, low_draws, strict=True)]
     return _pair_frame(rows, concept.name, "personalitybench"), label
 
 

@@ -32,6 +32,7 @@ import pandas as pd
 from dpnle import leakage as lk
 from dpnle.concepts import VALUE_ABBREVIATIONS, VALUES
 from dpnle.runs import ArtifactError, Run, write_parquet
+from dpnle.vocab import DIRECTIONS, DPNLE_METHODS, HOOKLESS_METHODS, RANDOM_METHODS
 
 DPI = 110
 FIG_DIR = "figures"
@@ -119,6 +120,24 @@ class FigureBlock:
 
 
 Block = Heading | Text | Bullets | TableBlock | FigureBlock
+
+
+@dataclass
+class Section:
+    """A part of the report: its blocks, and the tables, figures and notes it left in the report folder."""
+
+    blocks: list[Block]
+    tables: dict[str, Path] = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, other: Section) -> Section:
+        """Append ``other``'s blocks, tables, figures and notes after this section's; returns this section."""
+        self.blocks += other.blocks
+        self.tables.update(other.tables)
+        self.figures += other.figures
+        self.notes += other.notes
+        return self
 
 
 def _cell(value: Any) -> str:
@@ -469,7 +488,7 @@ def fig_polar(shifts: pd.DataFrame, method: str, gammas: dict[tuple[str, str], f
         ax.set_theta_direction(-1)
         ax.set_ylim(-m, m)
         ax.plot(circle, np.zeros_like(circle), color="black", lw=0.9)
-        for direction in ("up", "down"):
+        for direction in DIRECTIONS:
             for meth, style, width in ((method, "-", 1.8), ("random", ":", 1.2)):
                 gamma = gammas.get((meth, direction))
                 part = shifts[(shifts["concept"] == target) & (shifts["method"] == meth)
@@ -509,7 +528,7 @@ def fig_gamma(shifts: pd.DataFrame, capability: pd.DataFrame | None, cap_label: 
 
     target = shifts[shifts["target"].astype(bool)]
     concepts = lk.concept_order(target["concept"])
-    directions = [d for d in ("up", "down") if d in set(target["direction"])]
+    directions = [d for d in DIRECTIONS if d in set(target["direction"])]
     methods = [m for m in lk.method_order(target["method"]) if m != "none"]
     fig = _figure(4.4 * len(directions) + 0.6, 2.5 * len(concepts) + 1.1)
     axes = fig.subplots(len(concepts), len(directions), squeeze=False, sharex=True)
@@ -530,11 +549,11 @@ def fig_gamma(shifts: pd.DataFrame, capability: pd.DataFrame | None, cap_label: 
                 if method == "prompt":
                     ax.axhline(float(d.mean()), color=color, ls=style, lw=1.6)
                     continue
-                if method in ("random", "random-mag") and len(g) > 1:
+                if method in RANDOM_METHODS and len(g) > 1:
                     ax.fill_between(g, lo, hi, color=color, alpha=0.18, lw=0)
                 err = np.vstack([d - lo, hi - d])
                 ax.errorbar(g, d, yerr=np.where(np.isfinite(err), err, 0.0), color=color, ls=style, lw=1.6,
-                            marker="s" if method in ("random", "random-mag") else "o", ms=4, capsize=2)
+                            marker="s" if method in RANDOM_METHODS else "o", ms=4, capsize=2)
                 if ax2 is not None:
                     cap = capability[(capability["concept"] == concept) & (capability["method"] == method)
                                      & (capability["direction"] == direction)].sort_values("gamma")
@@ -555,7 +574,7 @@ def fig_gamma(shifts: pd.DataFrame, capability: pd.DataFrame | None, cap_label: 
             if i == len(concepts) - 1:
                 ax.set_xlabel("gamma", fontsize=8)
     handles = [Line2D([], [], color=_color(m), ls=METHOD_STYLE.get(m, ("", "", "-"))[2], lw=1.6,
-                      marker=None if m == "prompt" else ("s" if m in ("random", "random-mag") else "o"), ms=4,
+                      marker=None if m == "prompt" else ("s" if m in RANDOM_METHODS else "o"), ms=4,
                       label=_label(m))
                for m in methods]
     if capability is not None and not capability.empty:
@@ -578,8 +597,8 @@ def fig_matched(points: pd.DataFrame, matched: pd.DataFrame, title: str, path: P
     from matplotlib.ticker import LogFormatter
 
     concepts = lk.concept_order(points["concept"])
-    directions = [d for d in ("up", "down") if d in set(points["direction"])]
-    methods = [m for m in lk.method_order(points["method"]) if m not in ("none", "prompt")]
+    directions = [d for d in DIRECTIONS if d in set(points["direction"])]
+    methods = [m for m in lk.method_order(points["method"]) if m not in HOOKLESS_METHODS]
     draws = {"random", "random-mag"}
     fig = _figure(4.0 * len(directions) + 0.6, 2.4 * len(concepts) + 1.1)
     axes = fig.subplots(len(concepts), len(directions), squeeze=False)
@@ -642,8 +661,10 @@ def capability_series(rows: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
     """Per (concept, method, direction, gamma) one capability number: the first capability
     benchmark's mean score when one was run, else the KL divergence on neutral text."""
     from dpnle.evaluate import CAPABILITY, NEUTRAL
+    from dpnle.lmeval import is_lmeval_benchmark
 
     present = [b for b in CAPABILITY if b in set(rows["benchmark"])]
+    present += sorted(b for b in set(rows["benchmark"]) if is_lmeval_benchmark(b))
     if present:
         part = rows[rows["benchmark"] == present[0]]
         part = part[part["scorer"] == part["scorer"].iloc[0]]
@@ -751,53 +772,51 @@ def _validity_section(validity: pd.DataFrame) -> list[Block]:
     return blocks
 
 
-def _neurons_section(run: Run, root: Path, figures: list[Path], tables: dict[str, Path],
-                     notes: list[str]) -> list[Block]:
+def _neurons_section(run: Run, root: Path) -> Section:
+    """The selected neurons per layer and concept, and the overlap of the concepts' neuron sets; a
+    selection that cannot be read is left out with a note."""
     from dpnle.localize import load_selection
 
-    blocks: list[Block] = [Heading("Neuron selection (before any generation)")]
+    section = Section([Heading("Neuron selection (before any generation)")])
     concepts = lk.localized_concepts(run)
     if not concepts:
         text = (f"No localization in this run yet: run `dpnle localize --run {run.name} --all` after "
                 "`dpnle collect-activations`.")
-        notes.append(text)
-        blocks.append(Text(text))
-        return blocks
+        return section.add(Section([Text(text)], notes=[text]))
     selections = {}
     for concept in concepts:
         try:
             selections[concept] = load_selection(run, concept)
         except ArtifactError as exc:
-            notes.append(str(exc))
+            section.notes.append(str(exc))
     if selections:
         counts = []
         for concept, sel in selections.items():
             by = sel.groupby(["layer", "pole"]).size().rename("neurons").reset_index()
             counts.append(by.assign(concept=concept)[["concept", "layer", "pole", "neurons"]])
         per_layer = pd.concat(counts, ignore_index=True)
-        tables["neurons_per_layer"] = write_parquet(root / "neurons_per_layer.parquet", per_layer,
-                                                    metadata={"kind": "report", "table": "neurons_per_layer"})
+        table = write_parquet(root / "neurons_per_layer.parquet", per_layer,
+                              metadata={"kind": "report", "table": "neurons_per_layer"})
         path = fig_neurons_per_layer(selections, root / FIG_DIR / "neurons_per_layer.png")
-        figures.append(path)
-        blocks.append(FigureBlock(path.relative_to(root), "Selected DPN-LE neurons per layer and pole"))
         totals = pd.DataFrame([{"concept": c, "high": int((s["pole"] == "high").sum()),
                                 "low": int((s["pole"] == "low").sum()), "layers": int(s["layer"].nunique())}
                                for c, s in selections.items()])
-        blocks.append(TableBlock(totals, "Selected neurons per concept"))
+        section.add(Section([FigureBlock(path.relative_to(root), "Selected DPN-LE neurons per layer and pole"),
+                             TableBlock(totals, "Selected neurons per concept")],
+                            tables={"neurons_per_layer": table}, figures=[path]))
     overlap = lk.neuron_overlap(run)
-    tables["overlap"] = write_parquet(root / "overlap.parquet", overlap, metadata={"kind": "report",
-                                                                                   "table": "overlap"})
+    section.tables["overlap"] = write_parquet(root / "overlap.parquet", overlap,
+                                              metadata={"kind": "report", "table": "overlap"})
     if overlap.empty:
-        blocks.append(Text("The overlap needs at least two localized concepts."))
-        return blocks
+        return section.add(Section([Text("The overlap needs at least two localized concepts.")]))
     path = fig_overlap(overlap, root / FIG_DIR / "overlap.png")
-    figures.append(path)
-    blocks.append(FigureBlock(path.relative_to(root), "Jaccard overlap of the selected neuron sets"))
     shown = overlap.copy()
     shown["jaccard"] = shown["jaccard"].map(lambda v: _num(v, ".4f"))
-    blocks.append(TableBlock(shown, "Overlap of the selected (layer, neuron) sets; shared_opposite_pole counts "
-                                    "neurons that raise one concept and lower the other"))
-    return blocks
+    return section.add(Section([
+        FigureBlock(path.relative_to(root), "Jaccard overlap of the selected neuron sets"),
+        TableBlock(shown, "Overlap of the selected (layer, neuron) sets; shared_opposite_pole counts "
+                          "neurons that raise one concept and lower the other"),
+    ], figures=[path]))
 
 
 def _chosen_gammas(shifts: pd.DataFrame) -> dict[tuple[str, str], float | None]:
@@ -809,7 +828,7 @@ def _comparison_sentences(table: pd.DataFrame, instrument: str, scorer: str) -> 
     """One sentence per direction: each method's mean target change and mean NLR, by the numbers."""
     avg = table[(table["instrument"] == instrument) & (table["scorer"] == scorer) & (table["target"] == lk.AVERAGE)]
     sentences = []
-    for direction in ("up", "down"):
+    for direction in DIRECTIONS:
         part = avg[avg["direction"] == direction]
         if part.empty:
             continue
@@ -878,7 +897,7 @@ def _leakage_display(table: pd.DataFrame, average: bool) -> pd.DataFrame:
 
 
 # The edit the first screen answers for (the first present), and the FDR level its verdicts use.
-ANSWER_METHODS = ("dpnle", "dpnle-w")
+ANSWER_METHODS = DPNLE_METHODS
 FDR_LEVEL = 0.05
 ANSWER_COLUMNS = ["concept", "instrument", "scorer", "held_out", "valid", "method", "direction", "gamma", "delta",
                   "ci_low", "ci_high", "d_z", "n_items", "random_median", "random_low", "random_high", "null_n",
@@ -909,7 +928,7 @@ def answer_table(summary: pd.DataFrame) -> pd.DataFrame:
         method = next((m for m in ANSWER_METHODS if (part["method"] == m).any()), None)
         if method is None:
             continue
-        for direction in ("up", "down"):
+        for direction in DIRECTIONS:
             own = part[(part["method"] == method) & (part["direction"] == direction)]
             if own.empty:
                 continue
@@ -1004,15 +1023,18 @@ def _answer_sentence(concept: str, part: pd.DataFrame, family: int = 1) -> str:
     return f"{head}; {verdict}.{cost}"
 
 
-def _answer_section(summary: pd.DataFrame, root: Path, tables: dict[str, Path]) -> list[Block]:
+def _answer_section(summary: pd.DataFrame, root: Path) -> Section:
+    """Per concept: did DPN-LE move the target past the random-edit null, and at what cost
+    (``answer.parquet`` holds the table, even an empty one)."""
     table = answer_table(summary)
-    tables["answer"] = write_parquet(root / "answer.parquet", table, metadata={
-        "kind": "report", "table": "answer", "fdr_level": FDR_LEVEL, "methods": list(ANSWER_METHODS)})
-    blocks: list[Block] = [Heading("Did it work, and at what cost?")]
+    section = Section([Heading("Did it work, and at what cost?")], tables={"answer": write_parquet(
+        root / "answer.parquet", table,
+        metadata={"kind": "report", "table": "answer", "fdr_level": FDR_LEVEL, "methods": list(ANSWER_METHODS)})})
     if table.empty:
-        blocks.append(Text("No DPN-LE condition scored on a questionnaire in this run: nothing to answer yet."))
-        return blocks
-    blocks.append(Text(
+        section.blocks.append(
+            Text("No DPN-LE condition scored on a questionnaire in this run: nothing to answer yet."))
+        return section
+    section.blocks.append(Text(
         "Per concept: the DPN-LE change of the target score against no edit (95% t interval over items), set "
         "against size-matched random edits of the same gamma (empirical two-sided p with the +1 correction, "
         "z-score, and q: the p adjusted for the false-discovery rate across the run's concepts, "
@@ -1022,9 +1044,9 @@ def _answer_section(summary: pd.DataFrame, root: Path, tables: dict[str, Path]) 
     for _, tested in table.groupby(["instrument", "scorer"], sort=False):
         family = int(tested["concept"].nunique())
         sentences += [_answer_sentence(str(c), part, family) for c, part in tested.groupby("concept", sort=False)]
-    blocks.append(Bullets(sentences))
-    blocks.append(TableBlock(_answer_display(table), "DPN-LE against the random-edit null, per concept"))
-    return blocks
+    section.blocks += [Bullets(sentences),
+                       TableBlock(_answer_display(table), "DPN-LE against the random-edit null, per concept")]
+    return section
 
 
 SAMPLE_ITEMS = 2  # generated answers shown per concept and benchmark
@@ -1054,7 +1076,7 @@ def answer_samples(rows: pd.DataFrame) -> pd.DataFrame:
             continue
         answers: dict[str, pd.Series] = {}
         label = _label(method)
-        for direction in ("up", "down"):
+        for direction in DIRECTIONS:
             own = part[(part["method"] == method) & (part["direction"] == direction)]
             if own.empty:
                 continue
@@ -1068,7 +1090,7 @@ def answer_samples(rows: pd.DataFrame) -> pd.DataFrame:
             records.append({
                 "concept": concept, "benchmark": benchmark, "item": item, "prompt": _clip(r["prompt"], 160),
                 "edit": label, "no edit": _clip(r["output"], SAMPLE_CHARS),
-                **{d: _clip(answers[d].get(item), SAMPLE_CHARS) if d in answers else "" for d in ("up", "down")},
+                **{d: _clip(answers[d].get(item), SAMPLE_CHARS) if d in answers else "" for d in DIRECTIONS},
             })
     return pd.DataFrame(records, columns=SAMPLE_COLUMNS)
 
@@ -1078,26 +1100,29 @@ def _clip(text: Any, limit: int) -> str:
     return _short(text, limit) if isinstance(text, str) else ""
 
 
-def _samples_section(rows: pd.DataFrame, root: Path, tables: dict[str, Path]) -> list[Block]:
+def _samples_section(rows: pd.DataFrame, root: Path) -> Section:
+    """A few generated answers with and without the edit (:func:`answer_samples`; none: empty)."""
     samples = answer_samples(rows)
     if samples.empty:
-        return []
-    tables["samples"] = write_parquet(root / "samples.parquet", samples, metadata={"kind": "report", "table": "samples"})
-    return [Heading("What the edits do to generated text"), Text(
+        return Section([])
+    table = write_parquet(root / "samples.parquet", samples, metadata={"kind": "report", "table": "samples"})
+    return Section([Heading("What the edits do to generated text"), Text(
         f"The first {SAMPLE_ITEMS} items of each generating benchmark per concept, answered with no edit and "
         f"under the edit up and down (answers cut at {SAMPLE_CHARS} characters; every answer is in the eval "
-        "Parquet files)."), TableBlock(samples, "Answers side by side")]
+        "Parquet files)."), TableBlock(samples, "Answers side by side")], tables={"samples": table})
 
 
-def _matched_section(summary: pd.DataFrame, root: Path, figures: list[Path], tables: dict[str, Path]) -> list[Block]:
-    """Target change against cost (KL) per method, with the random band; the matched-cost table."""
+def _matched_section(summary: pd.DataFrame, root: Path) -> Section:
+    """Target change against cost (KL) per method, with the random band; the matched-cost table
+    (empty without KL on neutral text or any questionnaire's cost points)."""
     from dpnle.evaluate import QUESTIONNAIRES
     from dpnle.matched import cost_points, matched_cost
 
     if summary.empty or not ((summary["benchmark"] == "neutral") & (summary["scorer"] == "kl")).any():
-        return []
+        return Section([])
     pairs = summary.loc[summary["benchmark"].isin(QUESTIONNAIRES), ["benchmark", "scorer"]].drop_duplicates()
     blocks: list[Block] = []
+    figures: list[Path] = []
     frames, points_all = [], []
     for benchmark, scorer in pairs.itertuples(index=False):
         points = cost_points(summary, benchmark, scorer)
@@ -1112,20 +1137,22 @@ def _matched_section(summary: pd.DataFrame, root: Path, figures: list[Path], tab
         blocks.append(FigureBlock(path.relative_to(root), f"Target change against KL on neutral text, {benchmark} / "
                                   f"{scorer} (numbers at the points: gamma; grey: random draws and their band)"))
     if not frames:
-        return []
+        return Section([])
     table = pd.concat(frames, ignore_index=True)
-    tables["matched"] = write_parquet(root / "matched.parquet", table, metadata={"kind": "report", "table": "matched"})
-    tables["cost_points"] = write_parquet(root / "cost_points.parquet", pd.concat(points_all, ignore_index=True),
-                                          metadata={"kind": "report", "table": "cost_points"})
+    tables = {
+        "matched": write_parquet(root / "matched.parquet", table, metadata={"kind": "report", "table": "matched"}),
+        "cost_points": write_parquet(root / "cost_points.parquet", pd.concat(points_all, ignore_index=True),
+                                     metadata={"kind": "report", "table": "cost_points"}),
+    }
     shown = table.assign(**{c: table[c].map(lambda v: _num(v, "+.3f")) for c in ("delta", "band_low", "band_high")},
                          kl=table["kl"].map(lambda v: _num(v, ".4f")))
-    return [Heading("Methods at matched cost"), Text(
+    return Section([Heading("Methods at matched cost"), Text(
         "Gamma means different things for each method, so the DPN-LE paper's comparison at fixed gamma is "
         "repeated here at equal cost: each condition placed at its KL on neutral text, each method's change "
         "read off its gamma sweep at the DPN-LE conditions' KL (linear interpolation, no extrapolation; empty "
         "where a method's sweep does not reach that cost). The random draws give a median and a 2.5-97.5 "
         "percentile band. `dpnle tables --kind matched` prints the same table."),
-        *blocks, TableBlock(shown, "Target change at matched cost (KL)")]
+        *blocks, TableBlock(shown, "Target change at matched cost (KL)")], tables, figures)
 
 
 def target_summary(rows: pd.DataFrame, validity: pd.DataFrame) -> pd.DataFrame:
@@ -1139,122 +1166,251 @@ def target_summary(rows: pd.DataFrame, validity: pd.DataFrame) -> pd.DataFrame:
     return summarize(needed, validity if not validity.empty else None)
 
 
-def _eval_sections(run: Run, rows: pd.DataFrame, validity: pd.DataFrame, root: Path, figures: list[Path],
-                   tables: dict[str, Path], notes: list[str], summary: pd.DataFrame | None = None) -> list[Block]:
+# ---------------------------------------------------------------------------------------------
+# edit effects and leakage: the numbers, their files, their figures, their text
+
+
+@dataclass
+class EvalTables:
+    """The numbers behind the edit-effect and leakage sections."""
+
+    paper: pd.DataFrame  # evaluate.paper_table of the target summary
+    shifts: dict[tuple[str, str], pd.DataFrame]  # per (instrument, scorer): its score shifts, none empty
+    leakage: pd.DataFrame  # leakage.leakage_table over every pair in ``shifts``
+
+
+@dataclass
+class MethodMatrices:
+    """One method's leakage matrices on one instrument and scorer."""
+
+    method: str
+    stacked: dict[str, pd.DataFrame]  # per direction: L[t, j] at every gamma, one under the other (``gamma`` column)
+    shown: list[tuple[str, pd.DataFrame]]  # (direction, L[t, j] at that direction's chosen gamma): the heatmap's
+
+
+def questionnaire_shifts(rows: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
+    """Per (instrument, scorer) of the questionnaires scored in ``rows``, the score shifts
+    (:func:`dpnle.leakage.score_shifts`); a pair without any is left out."""
+    shifts = {pair: lk.score_shifts(rows, *pair) for pair in lk.questionnaire_pairs(rows)}
+    return {k: v for k, v in shifts.items() if not v.empty}
+
+
+def eval_tables(rows: pd.DataFrame, validity: pd.DataFrame, summary: pd.DataFrame | None = None) -> EvalTables:
+    """The paper table (from ``summary``, by default :func:`target_summary`), the score shifts and
+    the leakage table of ``rows``; the leakage table marks the targets ``validity`` failed."""
     from dpnle.evaluate import paper_table
 
-    blocks: list[Block] = [Heading("Edit effects (the DPN-LE paper's layout)")]
     if summary is None:
         summary = target_summary(rows, validity)
     paper = paper_table(summary)
-    tables["paper_table"] = write_parquet(root / "paper_table.parquet", paper,
-                                          metadata={"kind": "report", "table": "paper_table"})
-    blocks.append(Text("Per concept and method: neurons edited, change of the target score against no edit "
-                       "(mean over items, 95% CI; random control: mean [min..max] over draws), capability. "
-                       "A cell marked [invalid] comes from an instrument that failed the validity check for that concept."))
-    if not paper.empty:
-        kinds = {"traits": [c for c in paper["concept"] if c not in VALUES],
-                 "values": [c for c in paper["concept"] if c in VALUES]}
-        for kind, concepts in kinds.items():
-            part = paper[paper["concept"].isin(concepts)].dropna(axis=1, how="all")
-            if len(part):
-                blocks.append(TableBlock(part, f"Target change and capability per {kind[:-1]} and method"))
+    shifts = questionnaire_shifts(rows)
+    leakage = lk.leakage_table(rows, validity if not validity.empty else None, shifts=shifts)
+    return EvalTables(paper, shifts, leakage)
 
-    shifts = {pair: lk.score_shifts(rows, *pair) for pair in lk.questionnaire_pairs(rows)}
-    shifts = {k: v for k, v in shifts.items() if not v.empty}
-    table = lk.leakage_table(rows, validity if not validity.empty else None, shifts=shifts)
-    tables["leakage"] = write_parquet(root / "leakage.parquet", table, metadata={
-        "kind": "report", "table": "leakage", "target_eps": lk.TARGET_EPS, "ci": "95% t over items"})
-    all_shifts = pd.concat([v.assign(instrument=k[0], scorer=k[1]) for k, v in shifts.items()],
-                           ignore_index=True) if shifts else pd.DataFrame()
-    tables["shifts"] = write_parquet(root / "shifts.parquet", all_shifts, metadata={"kind": "report",
-                                                                                     "table": "shifts"})
 
-    blocks.append(Heading("Leakage"))
-    blocks.append(Text(LEAKAGE_EXPLANATION))
-    if table.empty:
-        text = "No questionnaire rows with a no-edit baseline: no leakage can be computed."
-        notes.append(text)
-        blocks.append(Text(text))
-        return blocks
-    sentences = []
-    for instrument, scorer in shifts:
-        sentences += _comparison_sentences(table, instrument, scorer)
-    blocks.append(Text("By the numbers (gamma closest to 1 for each method; every gamma is in leakage.parquet):"))
-    blocks.append(Bullets(sentences))
-    blocks.append(TableBlock(_leakage_display(table, average=True),
-                             "Leakage per instrument, method, direction and gamma (averages over the targets "
-                             "that moved)"))
+def paper_parts(paper: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The paper table's trait rows and value rows, as ("traits", rows) and ("values", rows), each
+    without its all-empty columns; a kind without rows is left out."""
+    if paper.empty:
+        return []
+    kinds = {"traits": [c for c in paper["concept"] if c not in VALUES],
+             "values": [c for c in paper["concept"] if c in VALUES]}
+    parts = []
+    for kind, concepts in kinds.items():
+        part = paper[paper["concept"].isin(concepts)].dropna(axis=1, how="all")
+        if len(part):
+            parts.append((kind, part))
+    return parts
 
-    for (instrument, scorer), sh in shifts.items():
-        blocks.append(Heading(f"{instrument} / {scorer}", 3))
-        tag = table[(table["instrument"] == instrument) & (table["scorer"] == scorer)]
-        if tag["valid"].eq(0.0).any():
-            blocks.append(Text(f"**This instrument failed the validity check for some targets on this model: "
-                               f"for those, {INVALID_SENTENCE}.**"))
-        blocks.append(TableBlock(_leakage_display(tag, average=False),
-                                 f"Per target, {instrument} / {scorer} (ratios in parentheses: the target did not "
-                                 "move, so they are not interpretable)"))
-        gammas = _chosen_gammas(sh)
-        for method in [m for m in lk.method_order(sh["method"]) if m != "none"]:
-            matrices = []
-            for direction in ("up", "down"):
-                if (method, direction) not in gammas:
-                    continue
-                all_gammas = sorted({float(g) for g in sh.loc[(sh["method"] == method)
-                                                               & (sh["direction"] == direction), "gamma"]})
-                stacked = []
-                for g in all_gammas:
-                    L = lk.leakage_matrix(sh, method, direction, g)
-                    stacked.append(L.reset_index().assign(gamma=g))
-                    if g == gammas[(method, direction)]:
-                        matrices.append((direction, L))
-                name = f"leakage_matrix_{_slug(instrument, scorer, method, direction)}"
-                tables[name] = write_parquet(root / f"{name}.parquet", pd.concat(stacked, ignore_index=True),
-                                             metadata={"kind": "report", "table": "leakage_matrix",
-                                                       "instrument": instrument, "scorer": scorer,
-                                                       "method": method, "direction": direction,
-                                                       "target_eps": lk.TARGET_EPS})
-            if not matrices:
+
+def stacked_shifts(shifts: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
+    """Every pair's shifts in one frame, with ``instrument`` and ``scorer`` columns (empty without shifts)."""
+    if not shifts:
+        return pd.DataFrame()
+    return pd.concat([v.assign(instrument=k[0], scorer=k[1]) for k, v in shifts.items()], ignore_index=True)
+
+
+def leakage_matrices(shifts: pd.DataFrame, gammas: dict[tuple[str, str], float | None] | None = None
+                     ) -> list[MethodMatrices]:
+    """Per edited method in ``shifts`` (one instrument and scorer), in dpnle's method order: the
+    leakage matrix of each direction at every gamma, and the ones at ``gammas`` (by default the
+    gamma closest to 1 per method and direction)."""
+    if gammas is None:
+        gammas = _chosen_gammas(shifts)
+    found = []
+    for method in [m for m in lk.method_order(shifts["method"]) if m != "none"]:
+        stacked: dict[str, pd.DataFrame] = {}
+        shown: list[tuple[str, pd.DataFrame]] = []
+        for direction in DIRECTIONS:
+            if (method, direction) not in gammas:
                 continue
-            path = fig_leakage_heatmap(matrices, f"Leakage L[t, j], {_label(method)}, {instrument} / {scorer}",
-                                       root / FIG_DIR / f"leakage_{_slug(instrument, scorer, method)}.png")
-            figures.append(path)
-            blocks.append(FigureBlock(path.relative_to(root),
-                                      f"Leakage matrix, {_label(method)}, {instrument} / {scorer}"))
-        value_targets = [t for t in sh["concept"].unique() if t in VALUES]
-        primary = next((m for m in PRIMARY_METHODS if m in set(sh["method"])), None)
-        if value_targets and primary is not None:
-            path = fig_polar(sh, primary, gammas,
-                             f"Shifts Δj on the circumplex, {_label(primary)} vs random control, "
-                             f"{instrument} / {scorer}",
-                             root / FIG_DIR / f"circumplex_{_slug(instrument, scorer, primary)}.png")
-            figures.append(path)
-            blocks.append(FigureBlock(path.relative_to(root),
-                                      f"Each value target's shifts at the values' circumplex angles ({_label(primary)} "
-                                      f"solid, random control dotted; the black circle is no change)"))
+            own = shifts.loc[(shifts["method"] == method) & (shifts["direction"] == direction), "gamma"]
+            per_gamma = []
+            for g in sorted({float(g) for g in own}):
+                L = lk.leakage_matrix(shifts, method, direction, g)
+                per_gamma.append(L.reset_index().assign(gamma=g))
+                if g == gammas[(method, direction)]:
+                    shown.append((direction, L))
+            stacked[direction] = pd.concat(per_gamma, ignore_index=True)
+        found.append(MethodMatrices(method, stacked, shown))
+    return found
 
-    def swept(sh: pd.DataFrame) -> bool:
-        """Is there a gamma sweep to draw? With one gamma per method the tables hold every point."""
-        target = sh[sh["target"].astype(bool) & sh["gamma"].notna()]
-        return bool((target.groupby(["method", "direction"])["gamma"].nunique() > 1).any())
 
-    sweeps = {pair: sh for pair, sh in shifts.items() if swept(sh)}
-    if not sweeps:
-        return blocks
-    blocks.append(Heading("Target score against gamma"))
-    cap, cap_label = capability_series(rows)
-    if cap is None:
+def polar_method(shifts: pd.DataFrame) -> str | None:
+    """The method the circumplex figure shows: the first of ``PRIMARY_METHODS`` in ``shifts``, and
+    only when a value is among the targets (None otherwise)."""
+    if not any(t in VALUES for t in shifts["concept"].unique()):
+        return None
+    return next((m for m in PRIMARY_METHODS if m in set(shifts["method"])), None)
+
+
+def has_gamma_sweep(shifts: pd.DataFrame) -> bool:
+    """Is there a gamma sweep to draw? With one gamma per method the tables hold every point."""
+    target = shifts[shifts["target"].astype(bool) & shifts["gamma"].notna()]
+    return bool((target.groupby(["method", "direction"])["gamma"].nunique() > 1).any())
+
+
+def _write_eval_tables(root: Path, numbers: EvalTables) -> dict[str, Path]:
+    """``paper_table.parquet``, ``leakage.parquet`` and ``shifts.parquet`` (every pair's shifts)."""
+    return {
+        "paper_table": write_parquet(root / "paper_table.parquet", numbers.paper,
+                                     metadata={"kind": "report", "table": "paper_table"}),
+        "leakage": write_parquet(root / "leakage.parquet", numbers.leakage, metadata={
+            "kind": "report", "table": "leakage", "target_eps": lk.TARGET_EPS, "ci": "95% t over items"}),
+        "shifts": write_parquet(root / "shifts.parquet", stacked_shifts(numbers.shifts),
+                                metadata={"kind": "report", "table": "shifts"}),
+    }
+
+
+def _write_leakage_matrices(root: Path, instrument: str, scorer: str,
+                            matrices: list[MethodMatrices]) -> dict[str, Path]:
+    """``leakage_matrix_<instrument>-<scorer>-<method>-<direction>.parquet``: the matrices at every gamma."""
+    tables = {}
+    for m in matrices:
+        for direction, frame in m.stacked.items():
+            name = f"leakage_matrix_{_slug(instrument, scorer, m.method, direction)}"
+            tables[name] = write_parquet(root / f"{name}.parquet", frame,
+                                         metadata={"kind": "report", "table": "leakage_matrix",
+                                                   "instrument": instrument, "scorer": scorer,
+                                                   "method": m.method, "direction": direction,
+                                                   "target_eps": lk.TARGET_EPS})
+    return tables
+
+
+def _plot_leakage_heatmaps(root: Path, instrument: str, scorer: str,
+                           matrices: list[MethodMatrices]) -> dict[str, Path]:
+    """Per method with a matrix at a chosen gamma, its heatmap (both directions side by side)."""
+    return {m.method: fig_leakage_heatmap(m.shown, f"Leakage L[t, j], {_label(m.method)}, {instrument} / {scorer}",
+                                          root / FIG_DIR / f"leakage_{_slug(instrument, scorer, m.method)}.png")
+            for m in matrices if m.shown}
+
+
+def _plot_circumplex(root: Path, instrument: str, scorer: str, shifts: pd.DataFrame, method: str,
+                     gammas: dict[tuple[str, str], float | None]) -> Path:
+    return fig_polar(shifts, method, gammas,
+                     f"Shifts Δj on the circumplex, {_label(method)} vs random control, {instrument} / {scorer}",
+                     root / FIG_DIR / f"circumplex_{_slug(instrument, scorer, method)}.png")
+
+
+def _plot_gamma_sweeps(root: Path, sweeps: dict[tuple[str, str], pd.DataFrame], cap: pd.DataFrame | None,
+                       cap_label: str) -> dict[tuple[str, str], Path]:
+    return {(instrument, scorer): fig_gamma(sh, cap, cap_label, f"Target change against gamma, {instrument} / {scorer}"
+                                            + (f"; right axis: {cap_label}" if cap is not None else ""),
+                                            root / FIG_DIR / f"gamma_{_slug(instrument, scorer)}.png")
+            for (instrument, scorer), sh in sweeps.items()}
+
+
+def _paper_blocks(paper: pd.DataFrame) -> list[Block]:
+    blocks: list[Block] = [
+        Heading("Edit effects (the DPN-LE paper's layout)"),
+        Text("Per concept and method: neurons edited, change of the target score against no edit "
+             "(mean over items, 95% CI; random control: mean [min..max] over draws), capability. "
+             "A cell marked [invalid] comes from an instrument that failed the validity check for that concept."),
+    ]
+    blocks += [TableBlock(part, f"Target change and capability per {kind[:-1]} and method")
+               for kind, part in paper_parts(paper)]
+    return blocks
+
+
+def _leakage_summary_blocks(leakage: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> list[Block]:
+    """A sentence per instrument, scorer and direction, then the averages over the targets."""
+    sentences = []
+    for instrument, scorer in pairs:
+        sentences += _comparison_sentences(leakage, instrument, scorer)
+    return [Text("By the numbers (gamma closest to 1 for each method; every gamma is in leakage.parquet):"),
+            Bullets(sentences),
+            TableBlock(_leakage_display(leakage, average=True),
+                       "Leakage per instrument, method, direction and gamma (averages over the targets that moved)")]
+
+
+def _pair_blocks(root: Path, instrument: str, scorer: str, leakage: pd.DataFrame, heatmaps: dict[str, Path],
+                 polar: tuple[str, Path] | None) -> list[Block]:
+    """One instrument and scorer: the validity warning, the per-target table, the heatmaps, the circumplex."""
+    blocks: list[Block] = [Heading(f"{instrument} / {scorer}", 3)]
+    if leakage["valid"].eq(0.0).any():
+        blocks.append(Text(f"**This instrument failed the validity check for some targets on this model: "
+                           f"for those, {INVALID_SENTENCE}.**"))
+    blocks.append(TableBlock(_leakage_display(leakage, average=False),
+                             f"Per target, {instrument} / {scorer} (ratios in parentheses: the target did not "
+                             "move, so they are not interpretable)"))
+    blocks += [FigureBlock(path.relative_to(root), f"Leakage matrix, {_label(method)}, {instrument} / {scorer}")
+               for method, path in heatmaps.items()]
+    if polar is not None:
+        method, path = polar
+        blocks.append(FigureBlock(path.relative_to(root),
+                                  f"Each value target's shifts at the values' circumplex angles ({_label(method)} "
+                                  f"solid, random control dotted; the black circle is no change)"))
+    return blocks
+
+
+def _gamma_blocks(root: Path, paths: dict[tuple[str, str], Path], has_capability: bool) -> list[Block]:
+    blocks: list[Block] = [Heading("Target score against gamma")]
+    if not has_capability:
         blocks.append(Text("No capability measure (neutral-text KL or a benchmark) in this run: the right axis "
                            "is left out."))
-    for (instrument, scorer), sh in sweeps.items():
-        path = fig_gamma(sh, cap, cap_label, f"Target change against gamma, {instrument} / {scorer}"
-                         + (f"; right axis: {cap_label}" if cap is not None else ""),
-                         root / FIG_DIR / f"gamma_{_slug(instrument, scorer)}.png")
-        figures.append(path)
-        blocks.append(FigureBlock(path.relative_to(root),
-                                  f"Target change (left) and capability (right) against gamma, {instrument} / {scorer}"))
+    blocks += [FigureBlock(path.relative_to(root),
+                           f"Target change (left) and capability (right) against gamma, {instrument} / {scorer}")
+               for (instrument, scorer), path in paths.items()]
     return blocks
+
+
+def _pair_section(root: Path, instrument: str, scorer: str, shifts: pd.DataFrame, leakage: pd.DataFrame) -> Section:
+    """One instrument and scorer: its per-target leakage, its matrices (files and heatmaps) and,
+    when values were targets, the circumplex figure."""
+    gammas = _chosen_gammas(shifts)
+    matrices = leakage_matrices(shifts, gammas)
+    tables = _write_leakage_matrices(root, instrument, scorer, matrices)
+    heatmaps = _plot_leakage_heatmaps(root, instrument, scorer, matrices)
+    method = polar_method(shifts)
+    polar = None if method is None else (method, _plot_circumplex(root, instrument, scorer, shifts, method, gammas))
+    own = leakage[(leakage["instrument"] == instrument) & (leakage["scorer"] == scorer)]
+    figures = [*heatmaps.values(), *([polar[1]] if polar else [])]
+    return Section(_pair_blocks(root, instrument, scorer, own, heatmaps, polar), tables, figures)
+
+
+def _gamma_section(root: Path, rows: pd.DataFrame, shifts: dict[tuple[str, str], pd.DataFrame]) -> Section:
+    """Target change and capability against gamma, per instrument and scorer swept over gamma (none: empty)."""
+    sweeps = {pair: sh for pair, sh in shifts.items() if has_gamma_sweep(sh)}
+    if not sweeps:
+        return Section([])
+    cap, cap_label = capability_series(rows)
+    paths = _plot_gamma_sweeps(root, sweeps, cap, cap_label)
+    return Section(_gamma_blocks(root, paths, cap is not None), figures=list(paths.values()))
+
+
+def _eval_sections(rows: pd.DataFrame, validity: pd.DataFrame, root: Path,
+                   summary: pd.DataFrame | None = None) -> Section:
+    """The edit effects in the DPN-LE paper's layout, then the leakage: tables, matrices and figures."""
+    numbers = eval_tables(rows, validity, summary)
+    section = Section([*_paper_blocks(numbers.paper), Heading("Leakage"), Text(LEAKAGE_EXPLANATION)],
+                      tables=_write_eval_tables(root, numbers))
+    if numbers.leakage.empty:
+        text = "No questionnaire rows with a no-edit baseline: no leakage can be computed."
+        return section.add(Section([Text(text)], notes=[text]))
+    section.blocks += _leakage_summary_blocks(numbers.leakage, list(numbers.shifts))
+    for (instrument, scorer), sh in numbers.shifts.items():
+        section.add(_pair_section(root, instrument, scorer, sh, numbers.leakage))
+    return section.add(_gamma_section(root, rows, numbers.shifts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1284,62 +1440,60 @@ def build_report(run: Run | str | os.PathLike, log: Callable[[str], None] | None
     for stale in run.path.glob(".report-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=run.path))
-    figures: list[Path] = []
-    tables: dict[str, Path] = {}
-    notes: list[str] = []
     try:
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        blocks: list[Block] = [
+        validity = load_validity(run)
+        report = Section([
             Heading(f"dpnle report: {run.name}", 1),
             Text(f"Generated {stamp} by `dpnle leakage-report` from the Parquet files of this run directory. "
                  "Every number here is in the Parquet tables next to this file."),
-        ]
-        validity = load_validity(run)
-        tables["validity"] = write_parquet(tmp / "validity.parquet", validity,
-                                           metadata={"kind": "report", "table": "validity"})
+        ], tables={"validity": write_parquet(tmp / "validity.parquet", validity,
+                                             metadata={"kind": "report", "table": "validity"})})
 
         # Only current condition files; a current one that cannot be read stops the build (the
         # previous report stays in place), never a report that silently lacks it.
         rows = load_eval(run, allow_empty=True)
         stale = stale_note(condition_files(run))
         if stale:
-            notes.append(stale)
+            report.notes.append(stale)
         # The answer first (did the edit work, and at what cost), the evidence after it, the
         # provenance last.
         summary = target_summary(rows, validity) if not rows.empty else pd.DataFrame()
         if not rows.empty:
-            blocks += _answer_section(summary, tmp, tables)
-        blocks += _validity_section(validity)
+            report.add(_answer_section(summary, tmp))
+        report.blocks += _validity_section(validity)
         say("neurons and overlap")
-        blocks += _neurons_section(run, tmp, figures, tables, notes)
+        report.add(_neurons_section(run, tmp))
         if rows.empty:
             text = (f"This run has no edit-eval results yet, so there is no leakage to report. Run "
                     f"`dpnle edit-eval --run {run.name} --all-traits` (values: `--all-values --benchmarks "
                     f"pvq40,neutral`), then `dpnle leakage-report --run {run.name}` again.")
-            notes.append(text)
-            blocks += [Heading("Edit effects and leakage"), Text(LEAKAGE_EXPLANATION), Text(f"**{text}**")]
+            report.add(Section([Heading("Edit effects and leakage"), Text(LEAKAGE_EXPLANATION), Text(f"**{text}**")],
+                               notes=[text]))
         else:
             say("leakage tables and figures")
-            blocks += _eval_sections(run, rows, validity, tmp, figures, tables, notes, summary=summary)
+            report.add(_eval_sections(rows, validity, tmp, summary=summary))
             say("matched-cost comparison")
-            blocks += _matched_section(summary, tmp, figures, tables)
-            blocks += _samples_section(rows, tmp, tables)
+            report.add(_matched_section(summary, tmp))
+            report.add(_samples_section(rows, tmp))
         if stale:
-            blocks += [Heading("Stale results (left out)"), Text(stale)]
-        blocks += _run_section(run, manifest)
+            report.blocks += [Heading("Stale results (left out)"), Text(stale)]
+        report.blocks += _run_section(run, manifest)
 
-        blocks.append(Heading("Files"))
-        blocks.append(Bullets([f"`{p.relative_to(tmp).as_posix()}`" for p in [*tables.values(), *figures]]))
+        report.blocks.append(Heading("Files"))
+        report.blocks.append(Bullets([f"`{p.relative_to(tmp).as_posix()}`"
+                                      for p in [*report.tables.values(), *report.figures]]))
 
-        (tmp / "report.md").write_text(render_markdown(blocks))
-        (tmp / "index.html").write_text(render_html(blocks, tmp, f"dpnle report: {run.name}"))
+        (tmp / "report.md").write_text(render_markdown(report.blocks))
+        (tmp / "index.html").write_text(render_html(report.blocks, tmp, f"dpnle report: {run.name}"))
         _swap_in(tmp, run.report_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     final = run.report_dir
-    moved_figures = [final / p.relative_to(tmp) for p in figures]
-    moved_tables = {k: final / p.relative_to(tmp) for k, p in tables.items()}
+    moved_figures = [final / p.relative_to(tmp) for p in report.figures]
+    moved_tables = {k: final / p.relative_to(tmp) for k, p in report.tables.items()}
     run.record_stage("leakage-report", "all", "done", path="report", figures=len(moved_figures),
                      tables=sorted(moved_tables))
-    return ReportResult(final, final / "index.html", final / "report.md", moved_figures, moved_tables, notes)
+    return ReportResult(final, final / "index.html", final / "report.md", moved_figures, moved_tables,
+                        report.notes)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpnle import __version__
-from dpnle.errors import DpnleError
+from dpnle.errors import DpnleError, InputError  # InputError: defined in errors.py, imported from here too
 from dpnle.paths import runs_dir
 
 MANIFEST = "run.json"
@@ -41,10 +41,6 @@ class ArtifactError(RuntimeError, DpnleError):
 
 class RunNotFoundError(ArtifactError):
     pass
-
-
-class InputError(ValueError, DpnleError):
-    """A parameter value that cannot work (out of range, unknown name); the message names the fix."""
 
 
 # errno values that mean "no room left": a full disk, or a user's quota used up.

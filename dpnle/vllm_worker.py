@@ -42,7 +42,9 @@ from typing import Any
 
 import torch
 
-POLICIES = ("all", "prompt", "generated")
+from dpnle.vocab import POSITIONS
+
+POLICIES = POSITIONS  # an edit's position policies
 KINDS = ("prompt", "generated")
 
 

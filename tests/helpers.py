@@ -189,3 +189,26 @@ def kill_when(victim: subprocess.Popen, ready: Callable[[], bool], delay: float 
         if victim.poll() is None:
             victim.kill()
             victim.wait()
+
+
+def localized_tiny_run(root: Path, name: str = "tiny") -> tuple[Any, Any]:
+    """A run of a tiny Llama (seed 0) with openness captured from 12 pairs and localized (q 0.9,
+    d 0.2, all layers): what the end-to-end evaluation tests start from. Skips the test without
+    the dataset mirror (evaluation reads its instruments from it)."""
+    import os
+
+    from dpnle.collect import collect_concept
+    from dpnle.localize import localize_concept
+    from dpnle.models import LoadedModel, model_fingerprint
+    from dpnle.runs import Run
+
+    if not os.environ.get("DPNLE_DATA_MIRROR"):
+        pytest.skip("needs the dataset mirror (DPNLE_DATA_MIRROR=../shared/datasets)")
+    torch.manual_seed(0)
+    model, tokenizer = tiny_llama()
+    loaded = LoadedModel(model, tokenizer, "tiny-llama", "memory", model_fingerprint(model, tokenizer, "tiny-llama"))
+    run = Run.create_or_open(name, "tiny-llama", root=root)
+    run.record_model(loaded)
+    collect_concept(run, loaded, "openness", pairs=tiny_pairs(12), batch_size=8, progress=False)
+    localize_concept(run, "openness", quantile=0.9, d_threshold=0.2, layers="all")
+    return run, loaded

@@ -624,3 +624,31 @@ def test_caa_edit(run):
     idx, delta = edit.vectors[2]
     assert idx is None
     np.testing.assert_array_equal(delta.numpy(), np.arange(hidden, 2 * hidden, dtype=np.float32))
+
+
+def test_generate_with_edit_encodes_rendered_text_with_one_bos():
+    """Text goes in as every other pass encodes a rendered prompt: a tokenizer that adds BOS
+    does not add a second one after the chat template's, and rows are left-padded."""
+    from tokenizers import processors
+
+    from dpnle.pairs import render_prompt
+
+    model, tok = tiny_llama()
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    prompts = [render_prompt(tok, "hi"), render_prompt(tok, "a longer question here?")]
+    assert tok(prompts[0])["input_ids"][:2] == [bos, bos]  # the tokenizer's default would double it
+    seen = {}
+    real = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    model.generate = spy
+    generate_with_edit(model, prompts, None, tokenizer=tok, max_new_tokens=2, do_sample=False)
+    ids, mask = seen["input_ids"], seen["attention_mask"]
+    for row, prompt in enumerate(prompts):
+        real_ids = ids[row][mask[row].bool()].tolist()
+        assert real_ids == tok(prompt, add_special_tokens=False)["input_ids"] and real_ids.count(bos) == 1
+    assert bool(mask[:, -1].all()) and not bool(mask[0, 0])  # left padding

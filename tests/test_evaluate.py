@@ -3,15 +3,12 @@
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from helpers import tiny_llama, tiny_pairs
+from helpers import localized_tiny_run
 from scipy import stats as sps
 
 from dpnle import evaluate as ev
-from dpnle.collect import collect_concept
 from dpnle.localize import localize_concept
-from dpnle.models import LoadedModel, model_fingerprint
-from dpnle.runs import Run, parquet_metadata
+from dpnle.runs import parquet_metadata
 
 
 def test_condition_expansion_and_keys():
@@ -96,23 +93,8 @@ def test_paired_effect_matches_scipy():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, mirror_available_module):
-    torch.manual_seed(0)
-    model, tokenizer = tiny_llama()
-    loaded = LoadedModel(model, tokenizer, "tiny-llama", "memory", model_fingerprint(model, tokenizer, "tiny-llama"))
-    run = Run.create_or_open("tiny", "tiny-llama", root=tmp_path_factory.mktemp("runs"))
-    run.record_model(loaded)
-    collect_concept(run, loaded, "openness", pairs=tiny_pairs(12), batch_size=8, progress=False)
-    localize_concept(run, "openness", quantile=0.9, d_threshold=0.2, layers="all")
-    return run, loaded
-
-
-@pytest.fixture(scope="module")
-def mirror_available_module():
-    import os
-
-    if not os.environ.get("DPNLE_DATA_MIRROR"):
-        pytest.skip("needs the dataset mirror (DPNLE_DATA_MIRROR=../shared/datasets)")
+def tiny_run(tmp_path_factory):
+    return localized_tiny_run(tmp_path_factory.mktemp("runs"), "tiny")
 
 
 def test_edit_eval_end_to_end_resumes_and_summarizes(tiny_run):
@@ -211,6 +193,32 @@ def test_unedited_scores_are_computed_once_per_process(tiny_run, monkeypatch):
     np.testing.assert_array_equal(first["score"].to_numpy(), fresh["score"].to_numpy())
 
 
+def test_unedited_capability_runs_once_per_process_and_serves_prompt_conditions(tiny_run, monkeypatch):
+    from dpnle import capability
+
+    run, loaded = tiny_run
+    calls: list[object] = []
+    real = capability.run_benchmark
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("edit"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capability, "run_benchmark", counting)
+    monkeypatch.setattr(ev, "_UNEDITED", {})
+    config = ev.EvalConfig(methods=["none", "prompt", "dpnle"], benchmarks=["arc"], capability_limit=2, batch_size=8)
+    none = ev.evaluate_condition(run, loaded, "openness", ev.Condition("none"), config)
+    prompt = ev.evaluate_condition(run, loaded, "extraversion", ev.Condition("prompt", "up"), config)
+    assert calls == [None]  # the prompt condition and the second concept reused the first run
+    columns = ["benchmark", "item_id", "output", "score"]
+    pd.testing.assert_frame_equal(none[columns], prompt[columns])
+    edited = ev.evaluate_condition(run, loaded, "openness", ev.Condition("dpnle", "up", 4.0), config)
+    assert len(calls) == 2 and calls[1] is not None  # an edit is never served from the cache
+    fresh = real(loaded.model, loaded.tokenizer, "arc", limit=2, batch_size=8)
+    np.testing.assert_array_equal(none["score"].to_numpy(), fresh["score"].to_numpy())
+    assert len(edited) == len(none)
+
+
 def test_relocalizing_recomputes_only_the_edited_conditions(tiny_run):
     run, loaded = tiny_run
     config = ev.EvalConfig(methods=["dpnle", "none"], directions=["up"], benchmarks=["ipip120"],
@@ -219,17 +227,3 @@ def test_relocalizing_recomputes_only_the_edited_conditions(tiny_run):
     localize_concept(run, "openness", quantile=0.8, d_threshold=0.1, layers="all")
     again = ev.evaluate_concept(run, loaded, "openness", config, log=lambda m: None)
     assert again.computed == ["dpnle-up-g1"] and again.reused == ["none"]
-
-
-def test_condition_progress_counts_every_condition_and_rates_only_computed_ones():
-    bar = ev._ConditionProgress("openness: conditions", 3, enabled=True)
-    with bar:
-        bar.advance(computed=False)  # reused: counted, no rate yet
-        task = bar._progress.tasks[0]
-        assert task.completed == 1 and task.fields["rate"] == ""
-        bar.advance(computed=True)
-        bar.advance(computed=True)
-        assert task.completed == 3 and task.fields["rate"].endswith("s/condition, ~0 min left")
-    assert bar._progress is None
-    with ev._ConditionProgress("off", 2, enabled=False) as off:  # disabled: a no-op
-        off.advance(computed=True)

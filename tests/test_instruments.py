@@ -532,3 +532,36 @@ def test_batches_never_cross_a_group_and_cover_every_row():
         rows = [i for b in batches for i in b if groups[i] == g]
         assert [lengths[i] for i in rows] == sorted((lengths[i] for i in rows), reverse=True)
     assert [list(b) for b in ins._batches(lengths, 4)] == [[1, 6, 3, 4], [8, 0, 5, 2], [7]]
+
+
+def test_validity_verdict_works_on_scores_alone():
+    # 4 items (2 plus-, 2 minus-keyed) x 2 high + 2 low personas on the IPIP 1..5 scale.
+    keys = np.array([1, 1, -1, -1], dtype=np.float64)
+    follows = np.array(
+        [
+            [5.0, 4.5, 1.5, 1.0],  # high personas: agree with plus-keyed items, disagree with minus-keyed
+            [4.5, 4.0, 2.0, 1.0],
+            [1.0, 2.0, 4.0, 5.0],  # low personas: the reverse
+            [2.0, 1.5, 4.5, 4.5],
+        ]
+    )
+    row = ins.validity_verdict(follows, keys, 2, "likert", 1.0, 5.0)
+    # By hand: keyed = raw for plus-keyed items, 6 - raw for minus-keyed ones; mean per pole.
+    keyed = np.where(keys > 0, follows, 6.0 - follows)
+    diff = keyed[:2].mean(axis=0) - keyed[2:].mean(axis=0)
+    assert row["separation"] == pytest.approx(diff.mean())
+    assert row["separation_normalized"] == pytest.approx(diff.mean() / 4.0)
+    assert row["cohens_d"] == pytest.approx(diff.mean() / diff.std(ddof=1))
+    assert (row["n_up"], row["n_down"], row["n_items"], row["n_plus"], row["n_minus"]) == (4, 0, 4, 2, 2)
+    assert row["sign_p"] == pytest.approx(2 * 0.5**4)
+    shift = follows[:2].mean(axis=0) - follows[2:].mean(axis=0)
+    assert row["key_interaction"] == pytest.approx(shift[:2].mean() - shift[2:].mean())
+    assert row["collapse_testable"] and not row["collapse"]
+    assert not row["passed"]  # 4 items: the sign test cannot reach p < 0.05
+    assert list(row) == ins.VALIDITY_COLUMNS[3:]
+
+    level_only = np.array([[5.0, 4.5, 5.0, 4.0], [4.5, 5.0, 4.5, 4.5], [1.0, 2.0, 1.5, 1.0], [2.0, 1.0, 1.0, 1.5]])
+    row = ins.validity_verdict(level_only, keys, 2, "likert", 1.0, 5.0)
+    assert row["shift_plus"] > 1 and row["shift_minus"] > 1 and row["collapse"] and not row["passed"]
+    with pytest.raises(ValueError, match="persona"):
+        ins.validity_verdict(follows, keys, 4, "likert", 1.0, 5.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -543,3 +544,62 @@ def test_generate_answers_tiny_model(one_thread):
 
 def test_reference_generation_constants():
     assert (jd.PB_MAX_NEW_TOKENS, jd.PB_REPETITION_PENALTY, jd.PB_BATCH_SIZE) == (400, 1.15, 8)
+
+
+def test_rate_many_overlaps_requests_up_to_the_limit_and_keeps_order(serve, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def slow(_n: int, body: dict) -> tuple[int, dict]:
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.05)
+        with lock:
+            in_flight[0] -= 1
+        prompt = body["messages"][0]["content"]
+        if "fluency" in prompt.lower():
+            return 200, _completion("Rating: [[5]]")
+        # the trait rating echoes which answer it read, so the order can be checked
+        digit = next(d for d in "1234" if f"answer number {d}" in prompt)
+        return 200, _completion(f"Rating: [[{digit}]]")
+
+    server = serve(slow)
+    judge = _judge(server, tmp_path, concurrency=3)
+    answers = [f"This is answer number {d}, draft {k}." for k, d in enumerate("12341234")]
+    rated: list[int] = []
+    ratings = judge.rate_many("openness", ["Q?"] * 8, answers, "up", on_rated=lambda: rated.append(1))
+    assert [r.trait_score for r in ratings] == [1, 2, 3, 4, 1, 2, 3, 4] and all(r.fluency == 5 for r in ratings)
+    assert len(rated) == 8 and judge.requests_sent == len(server.requests) == 16
+    assert 1 < peak[0] <= 3  # requests overlapped, never more than the limit
+    judge.close()
+
+
+def test_judge_concurrency_from_the_environment(serve, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    server = serve(_rubric_reply)
+    monkeypatch.setenv("DPNLE_JUDGE_CONCURRENCY", "2")
+    assert _judge(server, tmp_path).concurrency == 2
+    monkeypatch.delenv("DPNLE_JUDGE_CONCURRENCY")
+    assert _judge(server, tmp_path).concurrency == jd.DEFAULT_CONCURRENCY
+    for bad in ("0", "many"):
+        monkeypatch.setenv("DPNLE_JUDGE_CONCURRENCY", bad)
+        with pytest.raises(jd.JudgeError, match="DPNLE_JUDGE_CONCURRENCY|at least 1"):
+            _judge(server, tmp_path)
+    assert jd.NoJudge().concurrency == 1
+
+
+def test_judge_for_makes_one_judge_per_spec_and_cache(tmp_path, monkeypatch):
+    made: list[str] = []
+    real = jd.parse_judge
+
+    def counting(spec, cache_path=None, **options):
+        made.append(spec)
+        return real(spec, cache_path, **options)
+
+    monkeypatch.setattr(jd, "parse_judge", counting)
+    monkeypatch.setattr(jd, "_JUDGES", {})
+    first = jd.judge_for("none", tmp_path / "a.sqlite")
+    assert jd.judge_for("none", tmp_path / "a.sqlite") is first
+    assert jd.judge_for("none", tmp_path / "b.sqlite") is not first
+    assert made == ["none", "none"]

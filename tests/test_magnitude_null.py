@@ -301,25 +301,9 @@ def test_paper_cell_shows_both_nulls():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    import os
+    from helpers import localized_tiny_run
 
-    import torch
-    from helpers import tiny_llama, tiny_pairs
-
-    from dpnle.collect import collect_concept
-    from dpnle.localize import localize_concept
-    from dpnle.models import LoadedModel, model_fingerprint
-
-    if not os.environ.get("DPNLE_DATA_MIRROR"):
-        pytest.skip("needs the dataset mirror (DPNLE_DATA_MIRROR=../shared/datasets)")
-    torch.manual_seed(0)
-    model, tokenizer = tiny_llama()
-    loaded = LoadedModel(model, tokenizer, "tiny-llama", "memory", model_fingerprint(model, tokenizer, "tiny-llama"))
-    run = Run.create_or_open("tiny", "tiny-llama", root=tmp_path_factory.mktemp("runs"))
-    run.record_model(loaded)
-    collect_concept(run, loaded, "openness", pairs=tiny_pairs(12), batch_size=8, progress=False)
-    localize_concept(run, "openness", quantile=0.9, d_threshold=0.2, layers="all")
-    return run, loaded
+    return localized_tiny_run(tmp_path_factory.mktemp("runs"), "tiny")
 
 
 def test_edit_eval_with_the_magnitude_null_end_to_end(tiny_run):

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
 from dpnle import evaluate as ev
-from dpnle.collect import collect_concept
-from dpnle.localize import localize_concept
-from dpnle.models import LoadedModel, model_fingerprint
-from dpnle.runs import InputError, Run, check_suite
-from tests.helpers import tiny_llama, tiny_pairs
+from dpnle.runs import InputError, check_suite
+from tests.helpers import localized_tiny_run
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    if not os.environ.get("DPNLE_DATA_MIRROR"):
-        pytest.skip("needs the dataset mirror (DPNLE_DATA_MIRROR=../shared/datasets)")
-    torch.manual_seed(0)
-    model, tokenizer = tiny_llama()
-    loaded = LoadedModel(model, tokenizer, "tiny-llama", "memory", model_fingerprint(model, tokenizer, "tiny-llama"))
-    run = Run.create_or_open("suites", "tiny-llama", root=tmp_path_factory.mktemp("runs"))
-    run.record_model(loaded)
-    collect_concept(run, loaded, "openness", pairs=tiny_pairs(12), batch_size=8, progress=False)
-    localize_concept(run, "openness", quantile=0.9, d_threshold=0.2, layers="all")
-    return run, loaded
+    return localized_tiny_run(tmp_path_factory.mktemp("runs"), "suites")
 
 
 def test_suite_names_are_checked():

@@ -154,3 +154,32 @@ def test_gsm8k_scores_equal_on_both_engines(loaded, engine, method, monkeypatch)
     on_vllm = capability.run_benchmark(loaded.model, loaded.tokenizer, "gsm8k", engine=engine, **kwargs)
     assert list(on_vllm["output"]) == list(hf["output"])
     assert list(on_vllm["score"]) == list(hf["score"])
+
+
+@pytest.mark.parametrize("protocol", ["reference", "dpnle"])
+def test_response_capture_on_vllm_equals_hf(loaded, engine, protocol, tmp_path):
+    """collect-activations --engine vllm: NPTI's responses generated on vLLM (as NPTI's own code
+    does) are HF generate's, token for token, so the captured statistics are equal."""
+    import numpy as np
+    from helpers import tiny_pairs
+
+    from dpnle.collect import capture_dir, collect_concept, load_stats
+    from dpnle.runs import Run, read_parquet_table
+
+    stats, responses = [], []
+    for name, eng in (("hf", None), ("vllm", engine)):
+        run = Run.create_or_open(name, loaded.model_id, root=tmp_path)
+        run.record_model(loaded)
+        # batch size 1 on HF: no left padding, so each row is exactly vLLM's request
+        collect_concept(run, loaded, "openness", pairs=tiny_pairs(3), site="gate", policy="response-mean",
+                        layers=[3, 17], npti_protocol=protocol, max_new_tokens=24, batch_size=1, progress=False,
+                        engine=eng)
+        shard = read_parquet_table(capture_dir(run, "openness", "gate", "response-mean") / "shard-00000.parquet")
+        responses.append(shard.column("response").to_pylist())
+        stats.append(load_stats(run, "openness", "gate", "response-mean"))
+    assert responses[0] == responses[1] and any(r.strip() for r in responses[0])
+    for pole in ("high", "low"):
+        np.testing.assert_array_equal(getattr(stats[0], f"mean_{pole}"), getattr(stats[1], f"mean_{pole}"))
+    if protocol == "reference":
+        np.testing.assert_array_equal(stats[0].token_count_high, stats[1].token_count_high)
+    assert stats[1].meta["key"]["engine"]["engine"] == "vllm"

@@ -1,6 +1,6 @@
 """Compare two evaluation suites of one run item by item (e.g. the same edit-eval on two engines).
 
-    python scripts/compare_suites.py --run demo engine-hf engine-vllm [--tolerance 1e-6]
+    python scripts/compare_suites.py --run demo engine-hf engine-vllm [--tolerance 1e-6] [--concept extraversion]
 
 For every (concept, condition, benchmark, scorer, item) both suites scored: are the generated
 outputs the same text, and do the scores agree within ``--tolerance``? Prints one line per
@@ -27,10 +27,16 @@ def main() -> int:
     parser.add_argument("suite_a")
     parser.add_argument("suite_b")
     parser.add_argument("--tolerance", type=float, default=1e-6)
+    parser.add_argument("--concept", action="append", help="Compare only these concepts (repeatable; default: all).")
     args = parser.parse_args()
     run = Run.open(args.run)
     a = ev.load_eval(run.with_suite(args.suite_a))
     b = ev.load_eval(run.with_suite(args.suite_b))
+    if args.concept:
+        a, b = a[a["concept"].isin(args.concept)], b[b["concept"].isin(args.concept)]
+        if a.empty or b.empty:
+            print(f"no rows of {', '.join(args.concept)} in {args.suite_a if a.empty else args.suite_b}")
+            return 1
     merged = a.merge(b, on=KEY, how="outer", suffixes=("_a", "_b"), indicator=True)
     ok = True
     only = merged[merged["_merge"] != "both"]
@@ -47,10 +53,9 @@ def main() -> int:
         ok &= not bad
         print(f"{'DIFFERS' if bad else 'same   '} {concept} {condition} {benchmark}: {same_text}/{len(part)} outputs "
               f"identical, max |score difference| {worst:.2e}")
-    for suite in (args.suite_a, args.suite_b):
-        target = run.with_suite(suite)
+    for suite, rows in ((args.suite_a, a), (args.suite_b, b)):
         print(f"\npaper table, suite {suite}")
-        print(ev.to_markdown(ev.paper_table(ev.summarize(ev.load_eval(target), ev.load_validity(target)))))
+        print(ev.to_markdown(ev.paper_table(ev.summarize(rows, ev.load_validity(run.with_suite(suite))))))
     print("suites agree" if ok else "suites DIFFER")
     return 0 if ok else 1
 

@@ -74,3 +74,39 @@ def test_tables_read_one_suite_and_compare_at_matched_cost(tiny_run, capsys):
     assert "dpnle" in capsys.readouterr().out
     assert _cli(["tables", "--run", str(run.path), "--kind", "nonsense"]) == 2
     assert "--kind 'nonsense'" in capsys.readouterr().err
+
+
+def test_compare_suites_agrees_on_equal_suites_and_flags_a_changed_score(tiny_run, monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import pandas as pd
+
+    from dpnle.runs import write_parquet
+
+    run, loaded = tiny_run
+    spec = importlib.util.spec_from_file_location(
+        "compare_suites", Path(__file__).resolve().parents[1] / "scripts" / "compare_suites.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    config = ev.EvalConfig(methods=["none"], benchmarks=["ipip120"], scorers=["statement"], limit=2,
+                           validity_personas=1, batch_size=8)
+    for name in ("cmp-a", "cmp-b"):
+        ev.evaluate_concept(run.with_suite(name), loaded, "openness", config, log=lambda m: None)
+    monkeypatch.setenv("DPNLE_RUNS", str(run.path.parent))
+
+    def verdict(*extra: str) -> tuple[int, str]:
+        monkeypatch.setattr("sys.argv", ["compare_suites.py", "--run", run.name, "cmp-a", "cmp-b", *extra])
+        code = compare.main()
+        return code, capsys.readouterr().out
+
+    code, out = verdict()
+    assert code == 0 and "suites agree" in out
+    code, out = verdict("--concept", "extraversion")  # a concept neither suite scored
+    assert code == 1 and "no rows of extraversion" in out
+    path = ev.condition_path(run.with_suite("cmp-b"), "openness", ev.Condition("none"))
+    frame = pd.read_parquet(path)
+    frame.loc[frame.index[0], "score"] += 1.0
+    write_parquet(path, frame, metadata=ev.parquet_metadata(path))
+    code, out = verdict()
+    assert code == 1 and "DIFFERS openness none ipip120" in out and "suites DIFFER" in out

@@ -94,7 +94,7 @@ def test_a_failing_step_exits_nonzero_and_keeps_the_json(tmp_path, saved_tokeniz
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size", "tiny",
          "--out", str(out), "--steps", "capture", "--traits", "no-such-trait", "--tokenizer", str(saved_tokenizer)],
-        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads(out.read_text())
     assert payload["status"] == "failed"

@@ -172,17 +172,20 @@ demo-values: setup
 # (ipip generates nothing; the open-ended preset uses NPTI's per-call random mask, which only
 # the HF path replays exactly).
 # LIMIT=N is a smoke run of the whole pipeline, not a measurement: N items per benchmark, 8N
-# pairs per trait (PAPER_PAIRS) and NPTI responses of 64 tokens (NPTI_TOKENS) unless set.
+# pairs per trait (PAPER_PAIRS), NPTI responses of 64 tokens (NPTI_TOKENS) and PersonalityBench
+# answers of 64 tokens (OPEN_ENDED_TOKENS; the reference's 400 otherwise) unless set.
 JUDGE ?= none
 LIMIT ?= 0
 ENGINE ?= hf
 QUICK := $(filter-out 0,$(LIMIT))
 PAPER_PAIRS ?= $(if $(QUICK),$(shell echo $$(( 8 * $(LIMIT) ))),1000)
 NPTI_TOKENS ?= $(if $(QUICK),64,500)
+OPEN_ENDED_TOKENS ?= $(if $(QUICK),64,400)
 PAPER_RUN ?= paper-$(notdir $(MODEL))
 PAPER_SAMPLING ?= reference
 PAPER_TOKENIZATION ?= reference
-PAPER_LIMITS := $(if $(QUICK),--limit $(LIMIT) --capability-limit $(LIMIT) --open-ended-limit $(LIMIT))
+PAPER_LIMITS := $(if $(QUICK),--limit $(LIMIT) --capability-limit $(LIMIT) --open-ended-limit $(LIMIT)) \
+	$(if $(filter-out 400,$(OPEN_ENDED_TOKENS)),--open-ended-tokens $(OPEN_ENDED_TOKENS))
 PAPER_CAPTURE := --model $(MODEL) --run $(PAPER_RUN) --all-traits --num-pairs $(PAPER_PAIRS) --pair-sampling $(PAPER_SAMPLING)
 ENGINE_SUFFIX := $(if $(filter-out hf,$(ENGINE)),-$(ENGINE))
 ENGINE_DPNLE := $(if $(filter vllm,$(ENGINE)),$(VLLM_VENV)/bin/dpnle,$(DPNLE))

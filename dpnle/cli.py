@@ -493,6 +493,8 @@ def edit_eval(
     limit: Annotated[int | None, typer.Option(help="Questionnaire items per trait/value (default: all).")] = None,
     capability_limit: Annotated[int, typer.Option(help="Items per capability benchmark (seeded subset); 0 = all.")] = 100,
     open_ended_limit: Annotated[int, typer.Option(help="PersonalityBench test questions per trait; 0 = all.")] = 20,
+    open_ended_tokens: Annotated[int | None, typer.Option(help="New tokens per PersonalityBench answer (default: the "
+                                                               "DPN-LE reference's 400).")] = None,
     judge: Annotated[str, typer.Option(help="Open-ended rater: openai:BASE_URL#MODEL, hf:MODEL or none.")] = "none",
     positions: Annotated[str, typer.Option(help="Where the edit applies: all, prompt or generated (a generated-only "
                                                 "edit never touches a log-likelihood score).")] = "all",
@@ -541,7 +543,8 @@ def edit_eval(
         gammas=ev.parse_gammas(gammas), npti_mask=npti_mask, benchmarks=_csv(benchmarks, "--benchmarks"),
         scorers=_csv(scorers, "--scorers"), limit=limit,
         capability_limit=capability_limit if capability_limit > 0 else None,
-        open_ended_limit=open_ended_limit if open_ended_limit > 0 else None, judge=judge, positions=positions, mode=mode, seed=seed,
+        open_ended_limit=open_ended_limit if open_ended_limit > 0 else None, open_ended_tokens=open_ended_tokens,
+        judge=judge, positions=positions, mode=mode, seed=seed,
         random_draws=random_draws, batch_size=batch_size, valid_scorers_only=not all_scorers,
         validity_personas=validity_personas, engine=engine, tensor_parallel_size=tensor_parallel_size,
         lmeval_include=lmeval_include,

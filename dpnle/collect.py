@@ -636,8 +636,8 @@ def generate_responses(
     size = CPU_BATCH_SIZE if batch_size == "auto" else int(batch_size)
     if batch_size == "auto" and device.type == "cuda":
         size = 64  # the KV cache, not the activations, bounds generation; halved on OOM below
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                              eos_token_id=sorted(_eos_ids(model, tokenizer)) or None)
     encoded = _encode(tokenizer, prompts, tokenization=tokenization)
     responses: list[str] = [""] * len(prompts)
     pending = _length_sorted(encoded, size)
@@ -695,9 +695,9 @@ def generate_response_ids(
     size = CPU_BATCH_SIZE if batch_size == "auto" else int(batch_size)
     if batch_size == "auto" and device.type == "cuda":
         size = 64  # the KV cache bounds generation; halved on OOM below
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
     eos_ids = _eos_ids(model, tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                              eos_token_id=sorted(eos_ids) or None)
     generated: list[list[int]] = [[] for _ in encoded]
     pending = _length_sorted(encoded, size)
     with Progress("generating", len(encoded), enabled=progress) as bar, torch.inference_mode():

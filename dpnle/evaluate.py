@@ -117,6 +117,9 @@ class EvalConfig:
     limit: int | None = None  # questionnaire items per dimension
     capability_limit: int | None = 100  # items per capability benchmark
     open_ended_limit: int | None = 20  # PersonalityBench questions per trait
+    # New tokens per PersonalityBench answer; None: the DPN-LE reference's 400
+    # (dpnle.judges.PB_MAX_NEW_TOKENS). Smoke runs shorten it (make paper-tables LIMIT=N).
+    open_ended_tokens: int | None = None
     judge: str = "none"
     positions: Position = "all"
     mode: Mode = "both"
@@ -189,6 +192,9 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise EvalError(f"{name} must be at least 1 (or unset for all items), not {value}.")
+        if self.open_ended_tokens is not None and int(self.open_ended_tokens) < 1:
+            raise EvalError(f"open_ended_tokens (new tokens per PersonalityBench answer) must be at least 1, not "
+                            f"{self.open_ended_tokens}.")
         if str(self.judge).strip().lower() not in ("", "none"):  # refused before any model loads
             from dpnle.judges import check_judge_spec
 
@@ -227,6 +233,9 @@ class EvalConfig:
         from dpnle.judges import redact_judge_spec
 
         settings = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(self).items() if k in keys}
+        if self.open_ended_tokens is not None and OPEN_ENDED in self.benchmarks:
+            # Only where it matters: runs made at the reference length keep their digests.
+            settings["open_ended_tokens"] = int(self.open_ended_tokens)
         if "npti" in self.methods:
             # Only where it matters: a run without NPTI keeps the digests it had before the option existed.
             settings["npti_mask"] = self.npti_mask
@@ -523,8 +532,9 @@ def _open_ended(loaded, concept: str, edit, persona: str | None, config: EvalCon
     questions = datasets.load_pb_test(concept)
     if config.open_ended_limit is not None:
         questions = questions[: config.open_ended_limit]
+    lengths = {} if config.open_ended_tokens is None else {"max_new_tokens": int(config.open_ended_tokens)}
     answers = generate_answers(loaded.model, loaded.tokenizer, [q.text for q in questions], edit=edit,
-                               persona=persona, batch_size=config.batch_size, engine=engine)
+                               persona=persona, batch_size=config.batch_size, engine=engine, **lengths)
     judge = judge_for(config.judge)
     rows = []
     with subtask(f"ratings ({judge.spec})", len(questions)) as advance:

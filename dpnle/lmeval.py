@@ -101,11 +101,14 @@ def parse_benchmark(name: str) -> tuple[str, str | None]:
     text = str(name).strip()
     if not is_lmeval_benchmark(text):
         raise LmevalError(f"{name!r} is not an lm-eval benchmark name: write lmeval:<task>, e.g. lmeval:arc_easy.")
-    task, _, metric = text[len(PREFIX):].partition("@")
+    task, at, metric = text[len(PREFIX):].partition("@")
     task, metric = task.strip(), metric.strip()
     if not task or any(ch.isspace() for ch in task) or "@" in metric:
         raise LmevalError(f"{name!r} names no lm-eval task: write lmeval:<task> or lmeval:<task>@<metric>, "
                           "e.g. lmeval:hellaswag@acc_norm.")
+    if at and not metric:
+        raise LmevalError(f"{name!r} has an empty metric after '@': name one (e.g. lmeval:{task}@acc_norm) or drop "
+                          "the '@' for the task's first metric.")
     return task, (metric or None)
 
 

@@ -81,20 +81,28 @@ class Progress:
         left = each * max(self.total - self.completed, 0)
         return f"{each:.1f} s/{self.unit}, ~{left / 60:.0f} min left"
 
-    def _add_line(self, description: str, total: int) -> Callable[[int], None] | None:
+    def _add_line(self, description: str, total: int) -> _Line | None:
         if self._progress is None:
             return None
-        task = self._progress.add_task(f"  {description}", total=total, rate="")
-        start = time.perf_counter()
-        done = [0]
+        return _Line(self._progress, description, total)
 
-        def advance(units: int = 1) -> None:
-            done[0] += units
-            per_s = done[0] / max(time.perf_counter() - start, 1e-9)
-            self._progress.update(task, advance=units, rate=f"{per_s:,.2f} items/s")
 
-        advance.task = task  # type: ignore[attr-defined]
-        return advance
+class _Line:
+    """One inner pass's line under an open bar: call it with the items done; ``remove`` ends it."""
+
+    def __init__(self, progress: Any, description: str, total: int):
+        self._progress = progress
+        self._task = progress.add_task(f"  {description}", total=total, rate="")
+        self._start = time.perf_counter()
+        self._done = 0
+
+    def __call__(self, units: int = 1) -> None:
+        self._done += units
+        per_s = self._done / max(time.perf_counter() - self._start, 1e-9)
+        self._progress.update(self._task, advance=units, rate=f"{per_s:,.2f} items/s")
+
+    def remove(self) -> None:
+        self._progress.remove_task(self._task)
 
 
 @contextlib.contextmanager
@@ -102,12 +110,12 @@ def subtask(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """A line for an inner pass (``total`` items) under the open progress bar; yields
     ``advance(items)``. Without an enabled bar it yields a function that does nothing."""
     outer = _ACTIVE.get()
-    advance = outer._add_line(description, total) if outer is not None else None
-    if advance is None:
+    line = outer._add_line(description, total) if outer is not None else None
+    if line is None:
         yield lambda units=1: None
         return
     try:
-        yield advance
+        yield line
     finally:
         if outer._progress is not None:
-            outer._progress.remove_task(advance.task)  # type: ignore[attr-defined]
+            line.remove()

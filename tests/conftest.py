@@ -22,6 +22,23 @@ def pytest_configure(config):
 
 
 @pytest.fixture
+def one_thread(request):
+    """Tiny models run fastest on one thread; on a shared, busy CPU extra OpenMP threads only
+    contend. Tests marked ``slow`` (the real model) keep torch's default."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def mirror_available():
     if not os.environ.get("DPNLE_DATA_MIRROR"):
         pytest.skip("needs the dataset mirror (DPNLE_DATA_MIRROR=../shared/datasets)")

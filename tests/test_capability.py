@@ -20,19 +20,7 @@ from dpnle.pairs import render_prompt
 # fixtures and fakes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    """Tiny models run fastest on one thread; on a shared, busy CPU extra OpenMP threads only
-    contend. The real-model tests keep torch's default."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for the tiny models
 
 
 def _mc_items(n: int = 7, seed: int = 0) -> list[McItem]:

@@ -63,6 +63,42 @@ def test_npti_mask_is_a_condition_setting():
         ev.EvalConfig(methods=["npti"], npti_mask="sometimes")
 
 
+def test_open_ended_tokens_is_a_condition_setting_only_where_answers_are_generated():
+    default = ev.EvalConfig(methods=["none"], benchmarks=["personalitybench"])
+    assert "open_ended_tokens" not in default.condition_settings()  # the reference's 400: digests as before
+    short = ev.EvalConfig(methods=["none"], benchmarks=["personalitybench"], open_ended_tokens=64)
+    assert short.condition_settings()["open_ended_tokens"] == 64
+    # A preset without PersonalityBench (make paper-tables passes the option to every preset)
+    # keeps its digests.
+    assert "open_ended_tokens" not in ev.EvalConfig(methods=["none"], open_ended_tokens=64).condition_settings()
+    with pytest.raises(ev.EvalError, match="new tokens per PersonalityBench answer"):
+        ev.EvalConfig(methods=["none"], benchmarks=["personalitybench"], open_ended_tokens=0)
+
+
+def test_open_ended_answers_stop_at_open_ended_tokens(mirror_available, one_thread):
+    from types import SimpleNamespace
+
+    from helpers import tiny_llama
+
+    model, tokenizer = tiny_llama()
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer)
+    answers = {}
+    for tokens in (3, 6):
+        config = ev.EvalConfig(methods=["none"], benchmarks=["personalitybench"], open_ended_limit=2,
+                               open_ended_tokens=tokens)
+        frame = ev._open_ended(loaded, "openness", None, None, config, "none")
+        answers[tokens] = frame.loc[frame["scorer"] == "trait", "output"].tolist()
+    assert len(answers[3]) == 2
+    for short, longer in zip(answers[3], answers[6], strict=True):
+        assert short and longer.startswith(short) and len(longer) > len(short)  # greedy: the same answer, cut later
+    # The option is the answers' max_new_tokens (the default: the reference's 400).
+    from dpnle import datasets
+    from dpnle import judges as jd
+
+    questions = [q.text for q in datasets.load_pb_test("openness")[:2]]
+    assert answers[6] == jd.generate_answers(model, tokenizer, questions, max_new_tokens=6, batch_size=16)
+
+
 def test_paper_table_keeps_each_methods_gamma():
     rows = []
     for method, gamma, neurons in (("none", 0.0, 0), ("dpnle", 0.8, 10), ("npti", 1.4, 50)):

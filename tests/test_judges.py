@@ -523,15 +523,6 @@ def test_hf_judge_expected_value(tmp_path):
 # answers
 
 
-@pytest.fixture
-def one_thread():
-    # A tiny model is fastest on one thread; extra OpenMP threads only contend on a busy CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_generate_answers_tiny_model(one_thread):
     model, tokenizer = tiny_llama()
     questions = [Question("q1", "What do you do on a free afternoon?"), "How do you handle a deadline?"]

@@ -48,15 +48,7 @@ def in_repository(monkeypatch):
     monkeypatch.delenv(INCLUDE_ENV, raising=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared, busy CPU extra threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for the tiny models
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +175,9 @@ def test_benchmark_names():
         with pytest.raises(LmevalError) as info:
             parse_benchmark(bad)
         assert "\n" not in str(info.value) and "lmeval:" in str(info.value)
+    for empty in ("lmeval:foo@", "lmeval:foo@ "):  # the empty metric, before any task lookup
+        with pytest.raises(LmevalError, match="empty metric after '@'.*lmeval:foo@acc_norm"):
+            parse_benchmark(empty)
 
 
 # ---------------------------------------------------------------------------------------------

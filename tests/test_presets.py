@@ -90,3 +90,21 @@ def test_engine_vllm_runs_the_capability_preset_in_the_vllm_venv_into_its_own_su
     assert "--engine vllm --suite paper-capability-vllm" in out
     assert "tables --run paper-smollm2-135m-instruct --suite paper-capability-vllm --kind capability" in out
     assert "configs/paper/personality.yaml" not in out  # only what the table reads
+
+
+def _make_n(*args: str) -> str:
+    return subprocess.run(["make", "-n", "paper-tables", "VENV=/nonexistent-venv", "VLLM_VENV=/nonexistent-vllm",
+                           *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
+
+
+def test_limit_makes_paper_tables_a_smoke_run_and_no_limit_the_reference_sizes():
+    smoke = _make_n("LIMIT=3")
+    assert "--num-pairs 24 " in smoke and "--max-new-tokens 64 " in smoke
+    evals = [line for line in smoke.splitlines() if "edit-eval --config configs/paper/" in line]
+    assert len(evals) == 3  # personality, ipip, capability
+    for line in evals:
+        assert "--limit 3 --capability-limit 3 --open-ended-limit 3 --open-ended-tokens 64" in line
+    full = _make_n()
+    assert "--num-pairs 1000 " in full and "--max-new-tokens 500 " in full
+    assert "--limit" not in full and "--open-ended-tokens" not in full  # the reference's sizes: 400 tokens
+    assert "--open-ended-tokens 128" in _make_n("LIMIT=3", "OPEN_ENDED_TOKENS=128")

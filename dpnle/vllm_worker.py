@@ -30,6 +30,15 @@ checks after every ``generate`` against the prompt lengths and output lengths it
 recomputed (preempted) request, a padded batch or a pass without metadata is an error, never a
 silently different edit.
 
+Stochastic edits (NPTI's per-call random keep mask). A layer whose plan entry carries ``keep``
+draws, on every forward pass its position policy lets through, ``torch.rand(k, generator) <=
+p`` over its ``k`` units in the edit's own order from a CPU generator seeded as the Hugging Face
+path seeds it (:func:`dpnle.edits.keep_mask_seed`), builds the full-width vector exactly as
+:class:`dpnle.edits._KeepMask` does, and keeps the rank's slice: every rank draws the same
+stream. The generators start afresh at each install, so one install per Hugging Face batch, with
+that batch's prompts prefilled together in one pass, replays HF ``generate``'s draws call for
+call; each pass records how many requests it prefilled and decoded, which the engine checks.
+
 Tensor parallelism: each rank holds ``intermediate / tp`` contiguous units of the MLP
 (``[rank * w, (rank + 1) * w)``), so ``mlp`` and ``gate`` edits keep the units in the rank's
 slice, shifted to local indices; ``resid`` vectors apply whole (the hidden states are
@@ -78,6 +87,7 @@ class _Pass:
         self.edited = {"prompt": 0, "generated": 0}
         self.problems: list[str] = []
         self.passes = 0
+        self.schedule: list[tuple[int, int]] = []  # per pass: (requests prefilled, requests decoded)
 
     def begin(self, rows: int, device: torch.device) -> None:
         from vllm.forward_context import get_forward_context, is_forward_context_available
@@ -105,6 +115,7 @@ class _Pass:
             return
         decode = lengths == 1
         generated = int(decode.sum())
+        self.schedule.append((int(lengths.numel()) - int(decode.sum()), int(decode.sum())))
         self.counts = {"prompt": rows - generated, "generated": generated}
         for kind in KINDS:
             self.seen[kind] += self.counts[kind]
@@ -127,13 +138,36 @@ class _Pass:
         self.keep = None
 
 
+class _KeepDraw:
+    """A stochastic layer's per-pass draw: :class:`dpnle.edits._KeepMask`'s computation (the
+    same generator stream, mask and ``index_add_`` over the full width), then the rank's slice
+    ``[lo, lo + local)``."""
+
+    def __init__(self, spec: dict[str, Any], width: int, lo: int, local: int):
+        self.units = torch.as_tensor(spec["units"], dtype=torch.long)
+        self.values = torch.as_tensor(spec["values"], dtype=torch.float32)
+        self.p = float(spec["p"])
+        self.width, self.lo, self.local = int(width), int(lo), int(local)
+        self.generator = torch.Generator().manual_seed(int(spec["seed"]))
+        self.draws = 0
+
+    def __call__(self) -> torch.Tensor:
+        mask = torch.rand(self.units.numel(), generator=self.generator) <= self.p
+        self.draws += 1
+        add = torch.zeros(self.width, dtype=torch.float32)
+        add.index_add_(0, self.units[mask], self.values[mask])
+        return add[self.lo : self.lo + self.local]
+
+
 class _Editor:
     """One layer's change on ``[rows, width]`` (the rank's slice), under the pass's row mask."""
 
-    def __init__(self, add: torch.Tensor | None, clamp: torch.Tensor | None, state: _Pass):
+    def __init__(self, add: torch.Tensor | None, clamp: torch.Tensor | None, state: _Pass,
+                 keep_draw: _KeepDraw | None = None):
         self.add = add
         self.clamp = clamp
         self.state = state
+        self.keep_draw = keep_draw  # stochastic: a fresh add vector per pass instead of ``add``
         self.calls = 0
 
     def keep(self) -> torch.Tensor | bool:
@@ -144,7 +178,8 @@ class _Editor:
 
     def __call__(self, hidden: torch.Tensor, keep: torch.Tensor | bool) -> torch.Tensor:
         self.state.fired = True
-        add = None if self.add is None else self.add.to(device=hidden.device, dtype=hidden.dtype)
+        add = self.keep_draw() if self.keep_draw is not None else self.add
+        add = None if add is None else add.to(device=hidden.device, dtype=hidden.dtype)
         out = hidden
         if self.clamp is not None:
             clamp = self.clamp.to(hidden.device)
@@ -241,7 +276,8 @@ class DpnleWorkerExtension:
                     c = c[(c >= lo) & (c < lo + local)] - lo
                     if c.numel():
                         clamp = torch.zeros(local, dtype=torch.bool).index_fill_(0, c, True)
-                editor = _Editor(add, clamp, state)
+                keep_draw = None if not entry.get("keep") else _KeepDraw(entry["keep"], width, lo, local)
+                editor = _Editor(add, clamp, state, keep_draw)
                 installed.editors[layer] = editor
                 installed.hooks.append(_register(site, layers[layer], editor, local))
             # Registered last, so it runs after an edit hook on the last layer itself.
@@ -280,6 +316,8 @@ class DpnleWorkerExtension:
             "edited": dict(state.edited),
             "passes": state.passes,
             "calls": {str(layer): e.calls for layer, e in installed.editors.items()},
+            "draws": {str(layer): e.keep_draw.draws for layer, e in installed.editors.items() if e.keep_draw},
+            "schedule": list(state.schedule),
             "problems": list(dict.fromkeys(state.problems)),
         }
 

@@ -54,18 +54,54 @@ def test_engine_recorded_only_where_it_generates(monkeypatch):
     assert "engine" not in EvalConfig(engine="vllm", benchmarks=("ipip120",)).condition_settings()
 
 
-def test_npti_per_call_mask_refused_on_vllm(monkeypatch):
+def test_npti_per_call_mask_accepted_on_vllm_and_its_batches_are_a_setting(monkeypatch):
     monkeypatch.setattr(engines, "vllm_available", lambda: True)
-    with pytest.raises(InputError, match="per-call"):
-        EvalConfig(engine="vllm", methods=("npti", "none"), benchmarks=("gsm8k",), npti_mask="per-call")
-    EvalConfig(engine="vllm", methods=("npti", "none"), benchmarks=("gsm8k",), npti_mask="fixed")
-    EvalConfig(engine="vllm", methods=("npti", "none"), benchmarks=("ipip120",), npti_mask="per-call")
+    on_vllm = EvalConfig(engine="vllm", methods=("npti", "none"), benchmarks=("gsm8k",), npti_mask="per-call")
+    assert on_vllm.engine == "vllm"
+    # The masks' generators restart per generation batch, on either engine: the batches are part of the result.
+    per_call = EvalConfig(methods=("npti", "none"), benchmarks=("gsm8k",), npti_mask="per-call", batch_size=4)
+    assert per_call.condition_settings()["batch_size"] == 4
+    assert EvalConfig(methods=("npti",), benchmarks=("personalitybench",)).condition_settings()["batch_size"] == 16
+    assert "batch_size" not in EvalConfig(methods=("npti",), benchmarks=("gsm8k",), npti_mask="none").condition_settings()
+    assert "batch_size" not in EvalConfig(methods=("npti",), benchmarks=("ipip120",)).condition_settings()
 
 
-def test_stochastic_edit_refused():
-    edit = Edit("npti", "gate", {1: ([1, 2, 3], [1.0, 1.0, 1.0])}, keep=0.9, meta={"keep_seed": 0})
-    with pytest.raises(InputError, match="per-call"):
-        engines.edit_plan(edit, 16)
+def _stochastic(positions: str = "generated") -> Edit:
+    g = torch.Generator().manual_seed(5)
+    units = {1: torch.randperm(64, generator=g)[:20], 2: torch.tensor([3, 9, 3, 40, 63])}  # a repeated unit too
+    return Edit("npti", "gate", {layer: (idx, torch.rand(idx.numel(), generator=g) * 2 - 0.5)
+                                 for layer, idx in units.items()},
+                gamma=1.3, sign=-1, positions=positions, keep=0.9, clamp={2: [7, 8]},
+                meta={"keep_seed": 11, "concept": "openness"})  # fmt: skip
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_plan_replays_the_hf_keep_mask_draws_on_every_rank(tp):
+    # The per-call masks the Hugging Face hooks draw (edits._KeepMask, built by edit.apply on a tiny
+    # model), call for call, against the worker's draw from the plan: each rank's slice, put back
+    # together, is HF's full-width vector.
+    from helpers import INTERMEDIATE, tiny_llama
+
+    from dpnle.vllm_worker import _KeepDraw
+
+    edit = _stochastic()
+    model, _ = tiny_llama()
+    assert INTERMEDIATE == 64
+    plan = engines.edit_plan(edit, INTERMEDIATE)
+    assert plan["stochastic"] and all(e["idx"] is None and e["values"] == [] for e in plan["layers"])
+    with edit.apply(model) as handle:
+        hf_masks = handle.keep_masks
+        local = INTERMEDIATE // tp
+        for entry in plan["layers"]:
+            ranks = [_KeepDraw(entry["keep"], INTERMEDIATE, r * local, local) for r in range(tp)]
+            for _ in range(5):
+                expected = hf_masks[entry["layer"]](torch.device("cpu"), torch.float32)
+                got = torch.cat([draw() for draw in ranks])
+                assert torch.equal(got, expected)
+            assert all(draw.draws == 5 for draw in ranks)
+    # A different keep seed is a different stream.
+    other = engines.edit_plan(Edit(**{**edit.__dict__, "meta": {"keep_seed": 12, "concept": "openness"}}), 64)
+    assert other["layers"][0]["keep"]["seed"] != plan["layers"][0]["keep"]["seed"]
 
 
 def _dense_from_plan(plan, width):
@@ -123,6 +159,28 @@ def test_check_counts():
     engines.check_counts([_counts(edited=(0, 6))], {**plan, "positions": "generated"}, 10, 6)
     with pytest.raises(RuntimeError, match="no installed edit"):
         engines.check_counts([None], plan, 10, 6)
+
+
+def _replay_counts(schedule, draws):
+    counts = _counts(prompt=10, generated=sum(d for _, d in schedule), edited=(10, sum(d for _, d in schedule)))
+    return {**counts, "schedule": schedule, "draws": {"3": draws}}
+
+
+def test_check_counts_of_a_per_call_mask():
+    plan = {"method": "npti", "positions": "generated", "stochastic": True}
+    good = [(2, 0), (0, 2), (0, 2), (0, 1)]  # two requests, the longest 4 tokens: 4 passes, 3 decode draws
+    engines.check_counts([_replay_counts(good, 3)], plan, 10, 5, requests=2, longest=4)
+    engines.check_counts([_replay_counts(good, 4)], {**plan, "positions": "all"}, 10, 5, requests=2, longest=4)
+    engines.check_counts([_replay_counts(good, 1)], {**plan, "positions": "prompt"}, 10, 5, requests=2, longest=4)
+    with pytest.raises(RuntimeError, match="first pass prefilled 1 of the 2 prompts"):
+        split = [(1, 0), (1, 1), (0, 2), (0, 1)]
+        engines.check_counts([_replay_counts(split, 3)], plan, 10, 5, requests=2, longest=4)
+    with pytest.raises(RuntimeError, match=r"drew \[2\] keep masks, not 3"):
+        engines.check_counts([_replay_counts(good, 2)], plan, 10, 5, requests=2, longest=4)
+    with pytest.raises(RuntimeError, match="4 forward passes, where HF generate makes 5"):
+        engines.check_counts([_replay_counts(good, 3)], plan, 10, 5, requests=2, longest=5)
+    with pytest.raises(RuntimeError, match="not checked against its batch"):
+        engines.check_counts([_replay_counts(good, 3)], plan, 10, 5)
 
 
 @pytest.mark.parametrize("size, expected", [

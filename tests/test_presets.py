@@ -108,3 +108,14 @@ def test_limit_makes_paper_tables_a_smoke_run_and_no_limit_the_reference_sizes()
     assert "--num-pairs 1000 " in full and "--max-new-tokens 500 " in full
     assert "--limit" not in full and "--open-ended-tokens" not in full  # the reference's sizes: 400 tokens
     assert "--open-ended-tokens 128" in _make_n("LIMIT=3", "OPEN_ENDED_TOKENS=128")
+
+
+def test_engine_vllm_generates_the_personality_answers_in_the_vllm_venv_into_its_own_suite():
+    out = _make_n("ENGINE=vllm")
+    assert "/nonexistent-vllm/bin/dpnle edit-eval --config configs/paper/personality.yaml" in out
+    assert "--engine vllm --suite paper-personality-vllm" in out
+    assert "tables --run paper-smollm2-135m-instruct --suite paper-personality-vllm --kind personality" in out
+    # The ipip preset scores log-likelihoods only: on the HF model, in its one suite.
+    assert "/nonexistent-venv/bin/dpnle edit-eval --config configs/paper/ipip.yaml" in out
+    assert "--suite paper-ipip " in out and "paper-ipip-vllm" not in out
+    assert "--engine hf --suite paper-personality " in _make_n()

@@ -125,13 +125,41 @@ def test_refusals_before_generating(loaded, engine, prompts):
     with pytest.raises(InputError, match="fewer than 2 tokens"):
         engine.generate_ids([prompts[0], [prompts[0][0]]], edit=_edit("dpnle", "generated"), max_new_tokens=4)
     stochastic = Edit("npti", "gate", {3: ([1, 2, 3], [1.0, 1.0, 1.0])}, keep=0.9, meta={"keep_seed": 0})
-    with pytest.raises(InputError, match="per-call"):
-        engine.generate_ids(prompts, edit=stochastic, max_new_tokens=4)
+    with pytest.raises(InputError, match="exceeds the engine's step .max_num_seqs 8.*lower --batch-size"):
+        engine.generate_ids(prompts * 3, edit=stochastic, max_new_tokens=4)  # 9 prompts, one HF batch
     with pytest.raises(InputError, match="max_model_len"):
         engine.generate_ids(prompts, max_new_tokens=5000)
     wrong = Edit("dpnle", "mlp", {40: ([1], [1.0])})
     with pytest.raises(InputError, match="layers 0-29"):
         engine.generate_ids(prompts, edit=wrong, max_new_tokens=4)
+
+
+def _per_call(positions: str, keep: float = 0.9, seed: int = 7):
+    from dpnle.edits import Edit
+
+    base = _edit("npti", positions)
+    return Edit("npti", "gate", base.vectors, gamma=base.gamma, positions=positions, clamp=base.clamp, keep=keep,
+                meta={"keep_seed": seed, "concept": "openness"})
+
+
+@pytest.mark.parametrize("positions", POLICIES)
+def test_per_call_mask_replays_hf_batch_for_batch(loaded, engine, positions):
+    # NPTI's per-call random mask: three prompts in HF batches of two (the second batch restarts
+    # the generators, as edit.apply does per batch); vLLM replays the same draws on the same calls.
+    from dpnle import capability
+    from dpnle.pairs import render_prompt
+
+    tok = loaded.tokenizer
+    texts = [render_prompt(tok, q) for q in QUESTIONS]
+    kwargs = dict(max_new_tokens=NEW_TOKENS, repetition_penalty=1.0, batch_size=2)
+    edit = _per_call(positions)
+    hf = capability.generate_texts(loaded.model, tok, texts, edit=edit, **kwargs)
+    on_vllm = capability.generate_texts(loaded.model, tok, texts, edit=edit, engine=engine, **kwargs)
+    assert on_vllm == hf, f"per-call/{positions}: vLLM {on_vllm} vs HF {hf}"
+    # Not vacuous: the draws change the text (every target kept, or another seed, reads otherwise).
+    assert capability.generate_texts(loaded.model, tok, texts, edit=_per_call(positions, keep=1.0), **kwargs) != hf
+    assert capability.generate_texts(loaded.model, tok, texts, edit=_per_call(positions, seed=8), engine=engine,
+                                     **kwargs) != hf
 
 
 @pytest.mark.skipif(

@@ -97,7 +97,7 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm.txt
 
 # The vLLM tests (parity with the HF path) in .venv-vllm; they skip in the main venv.
 test-vllm: setup-vllm
-	$(VLLM_PY) -m pytest -q tests/test_vllm_parity.py tests/test_engines.py $(PYTEST_ARGS)
+	$(VLLM_PY) -m pytest -q tests/test_vllm_parity.py tests/test_vllm_tp.py tests/test_engines.py $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check dpnle tests benchmarks

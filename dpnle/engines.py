@@ -206,7 +206,7 @@ class VLLMEngine:
     dpnle's edit hooks. ``generate_ids`` / ``generate_texts`` run greedy decoding under an edit.
 
     Tensor parallelism (``tensor_parallel_size > 1``) slices each edit by rank in the workers;
-    it is written but untested (no multi-GPU machine here). Build it in a script under an
+    tested with 3 ranks on vLLM's CPU backend (tests/test_vllm_tp.py), not on GPUs. Build it in a script under an
     ``if __name__ == "__main__":`` guard: vLLM starts worker processes.
     """
 

@@ -42,7 +42,7 @@ call; each pass records how many requests it prefilled and decoded, which the en
 Tensor parallelism: each rank holds ``intermediate / tp`` contiguous units of the MLP
 (``[rank * w, (rank + 1) * w)``), so ``mlp`` and ``gate`` edits keep the units in the rank's
 slice, shifted to local indices; ``resid`` vectors apply whole (the hidden states are
-replicated after the all-reduce). TP > 1 is written but untested here (one CPU, TP = 1 only).
+replicated after the all-reduce). Tested with 3 ranks on vLLM's CPU backend (tests/test_vllm_tp.py).
 """
 
 from __future__ import annotations

@@ -172,7 +172,8 @@ demo-values: setup
 # preset generates nothing and stays on HF.
 # LIMIT=N is a smoke run of the whole pipeline, not a measurement: N items per benchmark, 8N
 # pairs per trait (PAPER_PAIRS), NPTI responses of 64 tokens (NPTI_TOKENS) and PersonalityBench
-# answers of 64 tokens (OPEN_ENDED_TOKENS; the reference's 400 otherwise) unless set.
+# answers of 64 tokens (OPEN_ENDED_TOKENS; the reference's 400 otherwise) and 2 random draws in
+# the ipip preset (PAPER_DRAWS; its 20 otherwise) unless set.
 JUDGE ?= none
 LIMIT ?= 0
 ENGINE ?= hf
@@ -180,6 +181,7 @@ QUICK := $(filter-out 0,$(LIMIT))
 PAPER_PAIRS ?= $(if $(QUICK),$(shell echo $$(( 8 * $(LIMIT) ))),1000)
 NPTI_TOKENS ?= $(if $(QUICK),64,500)
 OPEN_ENDED_TOKENS ?= $(if $(QUICK),64,400)
+PAPER_DRAWS ?= $(if $(QUICK),2,20)
 PAPER_RUN ?= paper-$(notdir $(MODEL))
 PAPER_SAMPLING ?= reference
 PAPER_TOKENIZATION ?= reference
@@ -201,7 +203,8 @@ paper-localize: setup $(ENGINE_SETUP)
 	$(DPNLE) localize --run $(PAPER_RUN) --all --method npti --npti-selection reference
 
 paper-eval-ipip: paper-localize
-	$(DPNLE) edit-eval --config configs/paper/ipip.yaml --run $(PAPER_RUN) --all-traits --judge '$(JUDGE)' $(PAPER_LIMITS)
+	$(DPNLE) edit-eval --config configs/paper/ipip.yaml --run $(PAPER_RUN) --all-traits --judge '$(JUDGE)' \
+		$(if $(filter-out 20,$(PAPER_DRAWS)),--random-draws $(PAPER_DRAWS)) $(PAPER_LIMITS)
 
 paper-eval-personality: paper-localize $(ENGINE_SETUP)
 	$(ENGINE_DPNLE) edit-eval --config configs/paper/personality.yaml --run $(PAPER_RUN) --all-traits \

@@ -309,7 +309,9 @@ class VLLMEngine:
                      repetition_penalty: float = 1.0, stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
         """Greedy continuations (token ids, the stop token included when reached) of token-id
         prompts, under ``edit``: HF ``generate``'s greedy decoding with ``stop_token_ids`` as its
-        eos ids (vLLM's own eos rule is switched off, so the stopping rule is HF's)."""
+        eos ids (vLLM's own eos rule is switched off, so the stopping rule is HF's). Under a
+        stochastic edit ``prompts`` are one HF batch: prefilled together, draws replayed as HF's
+        ``generate`` of that batch makes them."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -104,9 +104,11 @@ def test_limit_makes_paper_tables_a_smoke_run_and_no_limit_the_reference_sizes()
     assert len(evals) == 3  # personality, ipip, capability
     for line in evals:
         assert "--limit 3 --capability-limit 3 --open-ended-limit 3 --open-ended-tokens 64" in line
+    assert "--random-draws 2 " in smoke  # the ipip preset's null, shrunk to two draws
     full = _make_n()
     assert "--num-pairs 1000 " in full and "--max-new-tokens 500 " in full
-    assert "--limit" not in full and "--open-ended-tokens" not in full  # the reference's sizes: 400 tokens
+    # The reference's sizes: 400-token answers, the preset's 20 draws.
+    assert "--limit" not in full and "--open-ended-tokens" not in full and "--random-draws" not in full
     assert "--open-ended-tokens 128" in _make_n("LIMIT=3", "OPEN_ENDED_TOKENS=128")
 
 
